@@ -1,0 +1,301 @@
+"""``nnunet_fed simulate``: every site on one machine, in one process, no network.
+
+Sites train one after the other each round. Between its turns a site keeps only its network weights in
+memory: its optimizer state, RNG state, logger and learning-rate position go to a per-round state file
+(the same file a resumed run starts from), its augmentation workers are stopped and, on CUDA, its
+network waits on the CPU. Updates are folded into the running FedAvg sum as they arrive.
+
+Outputs follow nnU-Net's layout::
+
+    <nnUNet_results>/<site dataset>/<trainer>__<plans>__<config>/fold_<F>/checkpoint_final.pth   (per site)
+    <nnUNet_results>/<federation>/<trainer>__<plans>__<config>/fold_<F>/checkpoint_final.pth     (global model)
+                                                                 .../federation_metrics.jsonl, federation_progress.png
+"""
+from __future__ import annotations
+
+import glob
+import multiprocessing
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
+
+from nnunet_fed import sites as site_checks
+from nnunet_fed.federation.aggregation import make_strategy
+from nnunet_fed.federation.records import MetricsLog, load_server_state, save_server_state
+from nnunet_fed.federation.trainer import nnUNetTrainerFederated
+
+ROUND_STATE_DIR = "federated_rounds"
+
+
+@dataclass
+class SimulationConfig:
+    dataset_ids: Sequence[str]
+    configuration: str
+    trainer: str = "nnUNetTrainerFedAvg"
+    rounds: int = 5
+    local_steps: int = 50
+    val_steps: int = 10
+    fold: int | str = 0
+    plans_identifier: str = "nnUNetPlans"
+    device: str = "cuda"
+    fedprox_mu: float = 0.0
+    federation_name: str | None = None
+    seed: int = 12345
+    final_validation: bool = True
+    fresh: bool = False
+    progress: bool = True
+    site_names: list = field(default_factory=list)  # filled in by the checks
+
+    def resume_key(self) -> dict:
+        """What must not change between an interrupted run and its resumption."""
+        return {"sites": list(self.site_names), "configuration": self.configuration, "trainer": self.trainer,
+                "local_steps": self.local_steps, "rounds": self.rounds, "fold": str(self.fold),
+                "plans": self.plans_identifier, "fedprox_mu": self.fedprox_mu}
+
+
+def default_federation_name(dataset_ids: Sequence[str | int]) -> str:
+    ids = []
+    for d in dataset_ids:
+        m = re.match(r"Dataset(\d+)_", str(d))
+        ids.append(str(int(m.group(1))) if m else str(d))
+    return "DatasetFed_" + "_".join(f"{int(i):03d}" if i.isdigit() else i for i in ids)
+
+
+class SimulatedSite:
+    """One site's trainer inside the simulation, with its state saved after every round."""
+
+    def __init__(self, trainer: nnUNetTrainerFederated):
+        self.trainer = trainer
+        self.state_dir = os.path.join(trainer.output_folder, ROUND_STATE_DIR)
+        os.makedirs(self.state_dir, exist_ok=True)
+
+    @property
+    def name(self) -> str:
+        return self.trainer.site_name
+
+    def state_file(self, round_index: int) -> str:
+        return os.path.join(self.state_dir, f"round_{round_index:04d}.pth")
+
+    def run_round(self, round_index: int, global_arrays):
+        t = self.trainer
+        t.network.to(t.device)  # before loading the optimizer state, which follows the parameters' device
+        if round_index > 0:
+            t.load_checkpoint(self.state_file(round_index - 1))  # optimizer, LR position, RNG, logger
+        update = t.run_round(global_arrays)
+        t.save_round_state(self.state_file(round_index))
+        self.suspend()
+        return update
+
+    def suspend(self) -> None:
+        """Free what the site does not need until its next turn (it is in the round state file)."""
+        t = self.trainer
+        t.release_dataloaders()
+        t.optimizer.state.clear()
+        if t.device.type == "cuda":
+            t.network.to("cpu")
+            torch.cuda.empty_cache()
+
+    def prune_states(self, keep_from: int) -> None:
+        for f in glob.glob(os.path.join(self.state_dir, "round_*.pth")):
+            if int(os.path.basename(f)[6:10]) < keep_from:
+                os.remove(f)
+
+
+def _make_trainer(cfg: SimulationConfig, site_name: str, trainer_cls, device: torch.device) -> nnUNetTrainerFederated:
+    """What nnUNetv2_train does to build a trainer (nnunetv2.run.run_training.get_trainer_from_args)."""
+    base = os.path.join(os.environ["nnUNet_preprocessed"], site_name)
+    plans = load_json(os.path.join(base, cfg.plans_identifier + ".json"))
+    plans["continue_training"] = False
+    trainer = trainer_cls(plans=plans, configuration=cfg.configuration, fold=cfg.fold,
+                          dataset_json=load_json(os.path.join(base, "dataset.json")), device=device)
+    trainer.console_output = not cfg.progress
+    trainer.configure_federation(cfg.rounds, cfg.local_steps, cfg.val_steps, cfg.fedprox_mu)
+    return trainer
+
+
+def prepare(cfg: SimulationConfig):
+    """All checks that can fail before anything is written: environment, IDs, datasets, plans, trainer."""
+    site_checks.require_nnunet_paths()
+    trainer_cls = site_checks.find_trainer(cfg.trainer)
+    names = [site_checks.dataset_name(d) for d in cfg.dataset_ids]
+    site_checks.check_sites_compatible(names, source="preprocessed")
+    for n in names:
+        site_checks.check_preprocessed(n, cfg.plans_identifier, cfg.configuration)
+    cfg.site_names = names
+    check_same_network(cfg, trainer_cls)
+    if cfg.federation_name is None:
+        cfg.federation_name = default_federation_name(names)
+    if not cfg.federation_name.startswith("Dataset"):
+        raise site_checks.FederationSetupError(
+            f"federation name {cfg.federation_name!r} must start with 'Dataset' (nnUNetv2_predict -d finds it so)")
+    return trainer_cls
+
+
+def _shared_shapes(site_name: str, plans_identifier: str, configuration: str, trainer_cls) -> dict:
+    """Shapes of the shared parameters of the network the site's plans give (built, not trained; nothing written)."""
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    base = os.path.join(os.environ["nnUNet_preprocessed"], site_name)
+    pm = PlansManager(load_json(os.path.join(base, plans_identifier + ".json")))
+    cm = pm.get_configuration(configuration)
+    dataset_json = load_json(os.path.join(base, "dataset.json"))
+    net = trainer_cls.build_network_architecture(pm, cm, determine_num_input_channels(pm, cm, dataset_json),
+                                                 pm.get_label_manager(dataset_json).num_segmentation_heads, True)
+    state = net.state_dict()
+    return {k: tuple(state[k].shape) for k in trainer_cls.sharing_policy.shared_names(state.keys())}
+
+
+def check_same_network(cfg: SimulationConfig, trainer_cls) -> None:
+    """FedAvg needs the same shared parameters at every site: compare the networks the sites' plans give."""
+    names = cfg.site_names
+    ref = _shared_shapes(names[0], cfg.plans_identifier, cfg.configuration, trainer_cls)
+    for name in names[1:]:
+        shapes = _shared_shapes(name, cfg.plans_identifier, cfg.configuration, trainer_cls)
+        if shapes.keys() != ref.keys():
+            diff = sorted(set(shapes) ^ set(ref))
+            raise site_checks.FederationSetupError(
+                f"site {name}: its network's shared parameters differ from site {names[0]} ({diff[:5]}); all sites "
+                f"must train the same network: plan them together (nnunet_fed plan / --federated-planning)")
+        for k, shape in shapes.items():
+            if shape != ref[k]:
+                raise site_checks.FederationSetupError(
+                    f"site {name}: parameter {k} has shape {shape}, site {names[0]} has {ref[k]}; the sites' plans "
+                    f"give different networks: plan them together (nnunet_fed plan / --federated-planning)")
+
+
+def global_model_folder(cfg: SimulationConfig) -> str:
+    return os.path.join(os.environ["nnUNet_results"], cfg.federation_name,
+                        f"{cfg.trainer}__{cfg.plans_identifier}__{cfg.configuration}")
+
+
+def write_global_model(cfg: SimulationConfig, site0: nnUNetTrainerFederated, global_arrays, fold_dir: str) -> str:
+    """The global model as an nnU-Net results folder, so nnUNetv2_predict -d <federation> works unchanged."""
+    base = os.path.dirname(fold_dir)
+    plans = dict(site0.plans_manager.plans)
+    plans["dataset_name"] = cfg.federation_name
+    save_json(plans, os.path.join(base, "plans.json"), sort_keys=False)
+    save_json(site0.dataset_json, os.path.join(base, "dataset.json"), sort_keys=False)
+    weights = {k: v.detach().cpu().clone() for k, v in site0.plain_network.state_dict().items()}
+    for k, v in global_arrays.items():
+        weights[k] = torch.from_numpy(np.array(v))
+    checkpoint = {
+        "network_weights": weights,
+        "init_args": site0.my_init_kwargs,
+        "trainer_name": site0.__class__.__name__,
+        "inference_allowed_mirroring_axes": site0.inference_allowed_mirroring_axes,
+        "current_epoch": cfg.rounds,
+    }
+    path = os.path.join(fold_dir, "checkpoint_final.pth")
+    torch.save(checkpoint, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def simulate(cfg: SimulationConfig) -> dict:
+    """Run (or resume) a simulated federation. Returns a summary with the output folders and metrics."""
+    trainer_cls = prepare(cfg)
+    device = torch.device(cfg.device)
+    if device.type == "cpu":
+        torch.set_num_threads(multiprocessing.cpu_count())
+    fold_dir = os.path.join(global_model_folder(cfg), f"fold_{cfg.fold}")
+    if cfg.fresh and os.path.isdir(fold_dir):
+        shutil.rmtree(fold_dir)
+    os.makedirs(fold_dir, exist_ok=True)
+    save_json({k: v for k, v in asdict(cfg).items()}, os.path.join(fold_dir, "federation_config.json"))
+
+    state = load_server_state(fold_dir)
+    if state is not None and state["run_config"] != cfg.resume_key():
+        raise site_checks.FederationSetupError(
+            f"{fold_dir} holds a run with other settings ({state['run_config']}); use --fresh to start over or "
+            f"--federation-name to write elsewhere")
+    start_round = state["completed_rounds"] if state else 0
+    if start_round:
+        print(f"resuming {cfg.federation_name} after round {start_round}/{cfg.rounds} ({fold_dir})")
+    if not state:
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+
+    sites = []
+    for name in cfg.site_names:
+        trainer = _make_trainer(cfg, name, trainer_cls, device)
+        trainer.on_train_start()  # network, optimizer, data loaders, plans copied to the output folder
+        site = SimulatedSite(trainer)
+        if start_round > 0 and not os.path.isfile(site.state_file(start_round - 1)):
+            raise site_checks.FederationSetupError(
+                f"site {name}: cannot resume after round {start_round}: {site.state_file(start_round - 1)} missing")
+        site.suspend()
+        sites.append(site)
+
+    global_arrays = state["global_arrays"] if state else sites[0].trainer.get_shared_arrays()
+    metrics = MetricsLog(fold_dir)
+    metrics.truncate(start_round)
+    strategy = make_strategy(sites[0].trainer.server_strategy)
+
+    bar = None
+    if cfg.progress and start_round < cfg.rounds:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.rounds * len(sites), initial=start_round * len(sites), unit="site-round",
+                   desc="federated rounds", dynamic_ncols=True)
+    try:
+        for r in range(start_round, cfg.rounds):
+            t0 = time.time()
+
+            def updates():
+                for site in sites:
+                    if bar is not None:
+                        bar.set_postfix_str(f"round {r + 1}/{cfg.rounds} site {site.name}")
+                    upd = site.run_round(r, global_arrays)
+                    if bar is not None:
+                        bar.update(1)
+                    yield upd
+
+            global_arrays = strategy.aggregate(global_arrays, updates())
+            record = {"round": r, "sites": {u.site: {**u.metrics, "num_examples": u.num_examples}
+                                            for u in strategy.accepted},
+                      "rejected": [{"site": s, "reason": why} for s, why in strategy.rejected],
+                      "seconds": time.time() - t0}
+            metrics.append(record)
+            save_server_state(fold_dir, r + 1, global_arrays, cfg.resume_key())
+            for site in sites:
+                site.prune_states(keep_from=r)
+            metrics.plot()
+            if bar is not None:
+                dice = np.mean([m["pseudo_dice"] for m in record["sites"].values()])
+                bar.write(f"round {r + 1}/{cfg.rounds}: mean pseudo Dice {dice:.3f} "
+                          f"({record['seconds']:.1f} s){' rejected: ' + str(len(strategy.rejected)) if strategy.rejected else ''}")
+    finally:
+        if bar is not None:
+            bar.close()
+        for site in sites:
+            site.trainer.release_dataloaders()
+
+    # final models: every site gets the final global (shared) parameters
+    for site in sites:
+        t = site.trainer
+        t.network.to(t.device)
+        t.load_checkpoint(site.state_file(cfg.rounds - 1))
+        t.set_shared_arrays(global_arrays)
+        t.on_train_end()  # checkpoint_final.pth in nnU-Net's layout
+        if cfg.final_validation:
+            t.console_output = True
+            t.perform_actual_validation(False)
+    global_ckpt = write_global_model(cfg, sites[0].trainer, global_arrays, fold_dir)
+    metrics.plot()
+    return {
+        "global_model_folder": global_model_folder(cfg),
+        "global_checkpoint": global_ckpt,
+        "site_folders": {s.name: s.trainer.output_folder for s in sites},
+        "metrics": metrics.read(),
+        "federation_name": cfg.federation_name,
+    }

@@ -1,0 +1,279 @@
+"""The federated trainer base: nnU-Net's epoch loop turned into rounds.
+
+One round is one nnU-Net epoch: ``num_epochs`` is the number of rounds and
+``num_iterations_per_epoch`` the number of local steps per round, so nnU-Net's poly learning rate
+runs over the whole federated schedule and every checkpoint, log and plot keeps its meaning.
+Training itself is nnU-Net's own ``train_step`` (loss, deep supervision, augmentation, AMP on CUDA).
+
+Hooks, in the order a round calls them (override any of them in a subclass)::
+
+    on_round_start(global_arrays)  load the shared parameters received from the server
+    train_round()                  local_steps x train_step, then nnU-Net's validation pass
+    on_round_end() -> Update       the shared parameters, number of training cases, metrics
+
+Under plain ``nnUNetv2_train`` the same rounds run with no server (a single-site, local run).
+"""
+from __future__ import annotations
+
+import os
+import random
+from typing import Mapping
+
+import numpy as np
+import torch
+from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from torch._dynamo import OptimizedModule
+
+from nnunet_fed.federation.update import SharingPolicy, Update
+
+# Environment variables read at construction (useful under plain nnUNetv2_train); the nnunet_fed
+# commands set the same attributes directly through configure_federation().
+ENV_ROUNDS = "nnUNet_fed_rounds"
+ENV_LOCAL_STEPS = "nnUNet_fed_local_steps"
+ENV_VAL_STEPS = "nnUNet_fed_val_steps"
+ENV_FEDPROX_MU = "nnUNet_fed_fedprox_mu"
+
+
+def _env_number(name: str, default, cast=int):
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return cast(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not a valid {cast.__name__}") from None
+
+
+def capture_rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if device.type == "cuda" and torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class nnUNetTrainerFederated(nnUNetTrainer):
+    """Base class of every nnunet_fed trainer. On its own it behaves like FedAvg with all parameters shared."""
+
+    #: which parameters stay at the site; the default shares everything
+    sharing_policy = SharingPolicy()
+    #: aggregation rule the server uses for this trainer (see nnunet_fed.federation.aggregation)
+    server_strategy = "fedavg"
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = _env_number(ENV_ROUNDS, self.num_epochs)
+        self.num_iterations_per_epoch = _env_number(ENV_LOCAL_STEPS, self.num_iterations_per_epoch)
+        self.num_val_iterations_per_epoch = _env_number(ENV_VAL_STEPS, self.num_val_iterations_per_epoch)
+        self.fedprox_mu = _env_number(ENV_FEDPROX_MU, 0.0, float)
+        self.federated_round_reference: dict[str, torch.Tensor] | None = None  # global weights of this round
+        self.num_training_cases: int | None = None
+        self.console_output = True
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def site_name(self) -> str:
+        return self.plans_manager.dataset_name
+
+    @property
+    def num_rounds(self) -> int:
+        return self.num_epochs
+
+    @property
+    def local_steps(self) -> int:
+        return self.num_iterations_per_epoch
+
+    def configure_federation(self, rounds: int, local_steps: int, val_steps: int | None = None,
+                             fedprox_mu: float | None = None) -> None:
+        """Set the schedule before ``initialize()``: ``rounds`` rounds of ``local_steps`` iterations."""
+        if rounds < 1 or local_steps < 1:
+            raise ValueError(f"rounds and local_steps must be >= 1, got rounds={rounds}, local_steps={local_steps}")
+        self.num_epochs = int(rounds)
+        self.num_iterations_per_epoch = int(local_steps)
+        if val_steps is not None:
+            if val_steps < 1:
+                raise ValueError(f"val_steps must be >= 1, got {val_steps}")
+            self.num_val_iterations_per_epoch = int(val_steps)
+        if fedprox_mu is not None:
+            if fedprox_mu < 0:
+                raise ValueError(f"fedprox_mu must be >= 0, got {fedprox_mu}")
+            self.fedprox_mu = float(fedprox_mu)
+
+    def print_to_log_file(self, *args, also_print_to_console=True, add_timestamp=True):
+        super().print_to_log_file(*args, also_print_to_console=also_print_to_console and getattr(self, "console_output", True),
+                                  add_timestamp=add_timestamp)
+
+    # ------------------------------------------------------------------ setup
+    def initialize(self):
+        super().initialize()
+        # FedProx: the proximal gradient mu * (w - w_global) is added right before each optimizer step.
+        # It does not depend on data, so it composes with gradient clipping and noise.
+        self.optimizer.register_step_pre_hook(self._add_proximal_gradient)
+
+    def on_train_start(self):
+        super().on_train_start()
+        tr_keys, _ = self.do_split()
+        self.num_training_cases = len(tr_keys)
+
+    @property
+    def plain_network(self) -> torch.nn.Module:
+        net = self.network.module if self.is_ddp else self.network
+        return net._orig_mod if isinstance(net, OptimizedModule) else net
+
+    # ------------------------------------------------------------------ parameters
+    def shared_parameter_names(self) -> list[str]:
+        return self.sharing_policy.shared_names(self.plain_network.state_dict().keys())
+
+    def local_parameter_names(self) -> list[str]:
+        return self.sharing_policy.local_names(self.plain_network.state_dict().keys())
+
+    def get_shared_arrays(self) -> dict[str, np.ndarray]:
+        """The shared parameters as numpy arrays (copies: they may leave the site)."""
+        state = self.plain_network.state_dict()
+        return {k: state[k].detach().cpu().numpy().copy() for k in self.shared_parameter_names()}
+
+    def set_shared_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
+        expected = set(self.shared_parameter_names())
+        if set(arrays) != expected:
+            missing, extra = sorted(expected - set(arrays)), sorted(set(arrays) - expected)
+            raise ValueError(f"site {self.site_name!r}: global arrays do not match the shared parameters "
+                             f"(missing {missing[:5]}, unexpected {extra[:5]})")
+        state = self.plain_network.state_dict()
+        with torch.no_grad():
+            for k, v in arrays.items():
+                if tuple(state[k].shape) != tuple(v.shape):
+                    raise ValueError(f"site {self.site_name!r}: global array {k!r} has shape {tuple(v.shape)}, "
+                                     f"the site's network has {tuple(state[k].shape)}")
+                state[k].copy_(torch.as_tensor(v))
+
+    def _add_proximal_gradient(self, optimizer, args, kwargs):
+        if self.fedprox_mu <= 0 or self.federated_round_reference is None:
+            return
+        with torch.no_grad():
+            for name, p in self.plain_network.named_parameters():
+                ref = self.federated_round_reference.get(name)
+                if ref is not None and p.grad is not None:
+                    p.grad.add_(p.detach() - ref, alpha=self.fedprox_mu)
+
+    # ------------------------------------------------------------------ the round
+    def on_round_start(self, global_arrays: Mapping[str, np.ndarray] | None) -> None:
+        """Load the global (shared) parameters; ``None`` keeps the site's own weights (single-site run)."""
+        if global_arrays is not None:
+            self.set_shared_arrays(global_arrays)
+            if self.fedprox_mu > 0:
+                self.federated_round_reference = {
+                    k: torch.as_tensor(v).to(self.device) for k, v in global_arrays.items()}
+
+    def train_round(self) -> None:
+        """nnU-Net's epoch body: local_steps x train_step, then the pseudo-Dice validation pass."""
+        self.on_epoch_start()
+        self.on_train_epoch_start()
+        train_outputs = [self.train_step(next(self.dataloader_train)) for _ in range(self.num_iterations_per_epoch)]
+        self.on_train_epoch_end(train_outputs)
+        with torch.no_grad():
+            self.on_validation_epoch_start()
+            val_outputs = [self.validation_step(next(self.dataloader_val))
+                           for _ in range(self.num_val_iterations_per_epoch)]
+            self.on_validation_epoch_end(val_outputs)
+        self.on_epoch_end()
+
+    def round_metrics(self) -> dict:
+        """Metrics of the round that just ended, read from nnU-Net's logger."""
+        get = self.logger.get_value
+        return {
+            "round": self.current_epoch - 1,
+            "train_loss": float(get("train_losses", step=-1)),
+            "val_loss": float(get("val_losses", step=-1)),
+            "pseudo_dice": float(get("mean_fg_dice", step=-1)),
+            "pseudo_dice_per_class": [float(x) for x in get("dice_per_class_or_region", step=-1)],
+            "lr": float(get("lrs", step=-1)),
+            "seconds": float(get("epoch_end_timestamps", step=-1) - get("epoch_start_timestamps", step=-1)),
+            "local_steps": int(self.num_iterations_per_epoch),
+        }
+
+    def on_round_end(self) -> Update:
+        self.federated_round_reference = None
+        return Update(site=self.site_name, arrays=self.get_shared_arrays(),
+                      num_examples=int(self.num_training_cases), metrics=self.round_metrics())
+
+    def run_round(self, global_arrays: Mapping[str, np.ndarray] | None = None) -> Update:
+        self.on_round_start(global_arrays)
+        self.train_round()
+        return self.on_round_end()
+
+    def run_training(self):
+        """Single-site run (plain ``nnUNetv2_train``): the same rounds with no server."""
+        self.on_train_start()
+        while self.current_epoch < self.num_epochs:
+            self.run_round(None)
+        self.on_train_end()
+
+    # ------------------------------------------------------------------ state between rounds
+    def release_dataloaders(self) -> None:
+        """Stop the augmentation workers (they restart on the next batch request)."""
+        for dl in (self.dataloader_train, self.dataloader_val):
+            if isinstance(dl, (NonDetMultiThreadedAugmenter, MultiThreadedAugmenter)):
+                dl._finish()
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint plus the RNG state, so that a resumed run continues the same random streams."""
+        if self.local_rank != 0:
+            return
+        if self.disable_checkpointing:
+            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
+            return
+        checkpoint = {
+            "network_weights": self.plain_network.state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "logging": self.logger.get_checkpoint(),
+            "_best_ema": self._best_ema,
+            "current_epoch": self.current_epoch + 1,
+            "init_args": self.my_init_kwargs,
+            "trainer_name": self.__class__.__name__,
+            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
+            "rng_state": capture_rng_state(self.device),
+        }
+        tmp = filename + ".tmp"
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, filename)  # never leave a half-written checkpoint behind
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        """nnU-Net's checkpoint loading (which accepts only file names) for a file or a dict, plus the RNG state."""
+        if not self.was_initialized:
+            self.initialize()
+        checkpoint = filename_or_checkpoint
+        if isinstance(checkpoint, str):
+            # a file this site wrote itself (never one received over the network)
+            checkpoint = torch.load(checkpoint, map_location=self.device, weights_only=False)
+        weights = {(k[7:] if k.startswith("module.") else k): v for k, v in checkpoint["network_weights"].items()}
+        self.plain_network.load_state_dict(weights)
+        self.my_init_kwargs = checkpoint["init_args"]
+        self.current_epoch = checkpoint["current_epoch"]
+        self.logger.load_checkpoint(checkpoint["logging"])
+        self._best_ema = checkpoint["_best_ema"]
+        self.inference_allowed_mirroring_axes = checkpoint.get(
+            "inference_allowed_mirroring_axes", self.inference_allowed_mirroring_axes)
+        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        if self.grad_scaler is not None and checkpoint.get("grad_scaler_state") is not None:
+            self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
+        if "rng_state" in checkpoint:
+            restore_rng_state(checkpoint["rng_state"], self.device)
+
+    def save_round_state(self, filename: str) -> None:
+        """Everything the site needs to continue after round ``current_epoch - 1`` (called after the round)."""
+        self.current_epoch -= 1  # on_epoch_end already advanced the counter (as in nnU-Net's on_train_end)
+        try:
+            self.save_checkpoint(filename)
+        finally:
+            self.current_epoch += 1

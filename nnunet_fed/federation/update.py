@@ -1,0 +1,52 @@
+"""What a site sends after a round, and which parameters it may send."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+import numpy as np
+
+
+@dataclass
+class Update:
+    """A site's contribution to one round.
+
+    ``arrays`` holds the shared parameters only (state-dict name -> array); ``num_examples`` is the
+    number of training cases at the site (the FedAvg weight); ``metrics`` holds scalars or lists of
+    scalars (train loss, pseudo Dice, seconds, ...).
+    """
+
+    site: str
+    arrays: dict[str, np.ndarray]
+    num_examples: int
+    metrics: dict = field(default_factory=dict)
+
+
+class SharingPolicy:
+    """Names the local (personal) parameters of a network; everything else is shared.
+
+    ``local_patterns`` are regular expressions matched against state-dict names from their start
+    (``re.match``). Local parameters never leave the site.
+    """
+
+    def __init__(self, local_patterns: Iterable[str] = ()):
+        self.local_patterns = tuple(local_patterns)
+        self._compiled = [re.compile(p) for p in self.local_patterns]
+
+    def is_local(self, name: str) -> bool:
+        return any(p.match(name) for p in self._compiled)
+
+    def shared_names(self, names: Iterable[str]) -> list[str]:
+        return [n for n in names if not self.is_local(n)]
+
+    def local_names(self, names: Iterable[str]) -> list[str]:
+        return [n for n in names if self.is_local(n)]
+
+    def split(self, state: Mapping[str, object]) -> tuple[dict, dict]:
+        shared = {k: v for k, v in state.items() if not self.is_local(k)}
+        local = {k: v for k, v in state.items() if self.is_local(k)}
+        return shared, local
+
+    def __repr__(self) -> str:
+        return f"SharingPolicy(local_patterns={list(self.local_patterns)})"

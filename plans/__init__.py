@@ -1,0 +1,1 @@
+"""Federated planning: site fingerprint summaries, merging, and the federated experiment planner."""

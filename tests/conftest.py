@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny synthetic sites, planned and preprocessed once per test session with nnU-Net."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+FIRST_ID = 201
+NUM_SITES = 3
+
+
+def nnunet_env(root, results_name="results") -> dict:
+    return {
+        "nnUNet_raw": os.path.join(root, "raw"),
+        "nnUNet_preprocessed": os.path.join(root, "preprocessed"),
+        "nnUNet_results": os.path.join(root, results_name),
+        "nnUNet_n_proc_DA": os.environ.get("nnUNet_n_proc_DA", "2"),
+    }
+
+
+@pytest.fixture(scope="session")
+def planned_sites(tmp_path_factory):
+    """Three 2D 'shift' sites (32x32, 12 training cases each), planned and preprocessed by nnU-Net."""
+    root = str(tmp_path_factory.mktemp("sites"))
+    env = nnunet_env(root)
+    for k, v in env.items():
+        os.environ[k] = v
+        os.makedirs(v, exist_ok=True) if k != "nnUNet_n_proc_DA" else None
+    from nnunet_fed.data.synthetic import make_federated_datasets
+    from nnunet_fed.planning import plan_and_preprocess_sites
+
+    names = make_federated_datasets(first_id=FIRST_ID, num_sites=NUM_SITES, scenario="shift", dim=2, num_train=12,
+                                    num_test=3, seed=0, image_size=(32, 32))
+    plan_and_preprocess_sites([FIRST_ID + k for k in range(NUM_SITES)], configurations=("2d",), num_processes=2)
+    return {"root": root, "env": env, "names": names, "ids": [str(FIRST_ID + k) for k in range(NUM_SITES)]}
+
+
+@pytest.fixture
+def site_env(planned_sites, tmp_path, monkeypatch):
+    """The planned sites with a fresh, empty nnUNet_results for this test."""
+    env = dict(planned_sites["env"])
+    env["nnUNet_results"] = str(tmp_path / "results")
+    os.makedirs(env["nnUNet_results"])
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return {**planned_sites, "env": env, "results": env["nnUNet_results"]}
+
+
+def run_cli(args, env, timeout=600, check=True):
+    """Run a console command (nnunet_fed, nnUNetv2_*) with the given nnU-Net folders."""
+    full_env = {**os.environ, **env}
+    proc = subprocess.run(args, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def nnunet_fed_cmd():
+    return [sys.executable, "-m", "nnunet_fed.cli"]

@@ -1,0 +1,114 @@
+"""Bad input is refused before training, with a message that names the site and the problem."""
+import json
+import os
+import shutil
+
+import pytest
+
+from nnunet_fed.cli import main
+
+
+def run_main(args, capsys):
+    code = main(args)
+    return code, capsys.readouterr().err
+
+
+def simulate_args(ids, trainer="nnUNetTrainerFedAvg"):
+    return ["simulate", "-d", *ids, "-c", "2d", "-tr", trainer, "--rounds", "1", "--local-steps", "1",
+            "--device", "cpu", "--no-progress"]
+
+
+def assert_nothing_written(site_env):
+    assert os.listdir(site_env["results"]) == []
+
+
+@pytest.mark.parametrize("var", ["nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"])
+def test_missing_nnunet_variable(site_env, capsys, monkeypatch, var):
+    monkeypatch.delenv(var)
+    code, err = run_main(simulate_args(site_env["ids"]), capsys)
+    assert code == 2 and var in err and "not set" in err
+    assert_nothing_written(site_env)
+
+
+def test_unknown_dataset_id(site_env, capsys):
+    code, err = run_main(simulate_args(site_env["ids"][:2] + ["987"]), capsys)
+    assert code == 2 and "unknown dataset '987'" in err
+    assert_nothing_written(site_env)
+
+
+def test_unknown_trainer(site_env, capsys):
+    code, err = run_main(simulate_args(site_env["ids"], trainer="nnUNetTrainerDoesNotExist"), capsys)
+    assert code == 2 and "unknown trainer 'nnUNetTrainerDoesNotExist'" in err
+    assert_nothing_written(site_env)
+
+
+def test_non_federated_trainer(site_env, capsys):
+    code, err = run_main(simulate_args(site_env["ids"], trainer="nnUNetTrainer"), capsys)
+    assert code == 2 and "not a federated trainer" in err
+    assert_nothing_written(site_env)
+
+
+def clone_site(site_env, new_id, mutate):
+    """A copy of site 0's preprocessed folder under a new dataset ID, with its dataset.json changed."""
+    src = os.path.join(site_env["env"]["nnUNet_preprocessed"], site_env["names"][0])
+    name = f"Dataset{new_id}_Mismatch{new_id}"
+    dst = os.path.join(site_env["env"]["nnUNet_preprocessed"], name)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.makedirs(dst)
+    for f in ("dataset.json", "nnUNetPlans.json", "dataset_fingerprint.json"):
+        shutil.copy(os.path.join(src, f), dst)
+    with open(os.path.join(dst, "dataset.json")) as f:
+        dj = json.load(f)
+    mutate(dj)
+    with open(os.path.join(dst, "dataset.json"), "w") as f:
+        json.dump(dj, f)
+    return str(new_id), name
+
+
+@pytest.mark.parametrize("new_id, key, mutate", [
+    (291, "labels", lambda dj: dj["labels"].update({"metastasis": 3})),
+    (292, "channel_names", lambda dj: dj.update(channel_names={"0": "CT"})),
+    (293, "file_ending", lambda dj: dj.update(file_ending=".mha")),
+])
+def test_site_mismatch_named(site_env, capsys, new_id, key, mutate):
+    bad_id, bad_name = clone_site(site_env, new_id, mutate)
+    code, err = run_main(simulate_args(site_env["ids"][:2] + [bad_id]), capsys)
+    assert code == 2
+    assert f"site {bad_name}: {key} differ from site {site_env['names'][0]}" in err
+    assert_nothing_written(site_env)
+
+
+def test_missing_plans_named(site_env, capsys):
+    bad_id, bad_name = clone_site(site_env, 294, lambda dj: None)
+    os.remove(os.path.join(site_env["env"]["nnUNet_preprocessed"], bad_name, "nnUNetPlans.json"))
+    code, err = run_main(simulate_args(site_env["ids"][:1] + [bad_id]), capsys)
+    assert code == 2 and f"site {bad_name}: plans" in err and "nnUNetv2_plan_and_preprocess" in err
+    assert_nothing_written(site_env)
+
+
+def test_different_networks_named(site_env, capsys):
+    """Sites whose plans give different networks cannot be averaged."""
+    def smaller_net(plans):
+        arch = plans["configurations"]["2d"]["architecture"]["arch_kwargs"]
+        arch["features_per_stage"] = [f // 2 for f in arch["features_per_stage"]]
+    bad_id, bad_name = clone_site(site_env, 295, lambda dj: None)
+    plans_file = os.path.join(site_env["env"]["nnUNet_preprocessed"], bad_name, "nnUNetPlans.json")
+    with open(plans_file) as f:
+        plans = json.load(f)
+    smaller_net(plans)
+    plans["dataset_name"] = bad_name
+    with open(plans_file, "w") as f:
+        json.dump(plans, f)
+    data_id = plans["configurations"]["2d"]["data_identifier"]
+    shutil.copytree(os.path.join(site_env["env"]["nnUNet_preprocessed"], site_env["names"][0], data_id),
+                    os.path.join(site_env["env"]["nnUNet_preprocessed"], bad_name, data_id))
+    code, err = run_main(simulate_args(site_env["ids"][:1] + [bad_id]), capsys)
+    assert code == 2 and f"site {bad_name}: parameter" in err and "plan them together" in err
+    assert_nothing_written(site_env)
+
+
+def test_bad_schedule(site_env, capsys):
+    args = simulate_args(site_env["ids"])
+    args[args.index("--rounds") + 1] = "0"
+    code, err = run_main(args, capsys)
+    assert code == 2 and "rounds" in err

@@ -1,0 +1,1 @@
+"""nnU-Net-discoverable trainers. Point ``nnUNet_extTrainer`` at this folder (``nnunet_fed trainer-path``)."""
