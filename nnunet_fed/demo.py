@@ -19,7 +19,7 @@ import numpy as np
 
 DEMO_SITES = 3
 FIRST_ID = 101
-DEFAULTS = {"rounds": 8, "local_steps": 50, "num_train": 60, "num_test": 15}
+DEFAULTS = {"rounds": 6, "local_steps": 50, "num_train": 60, "num_test": 15}
 
 
 def _set_nnunet_folders(workdir: str) -> dict:

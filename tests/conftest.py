@@ -27,11 +27,11 @@ def planned_sites(tmp_path_factory):
         os.environ[k] = v
         os.makedirs(v, exist_ok=True) if k != "nnUNet_n_proc_DA" else None
     from nnunet_fed.data.synthetic import make_federated_datasets
-    from nnunet_fed.planning import plan_and_preprocess_sites
 
     names = make_federated_datasets(first_id=FIRST_ID, num_sites=NUM_SITES, scenario="shift", dim=2, num_train=12,
                                     num_test=3, seed=0, image_size=(32, 32))
-    plan_and_preprocess_sites([FIRST_ID + k for k in range(NUM_SITES)], configurations=("2d",), num_processes=2)
+    ids = [str(FIRST_ID + k) for k in range(NUM_SITES)]
+    run_cli(["nnUNetv2_plan_and_preprocess", "-d", *ids, "-c", "2d", "-np", "2", "--verify_dataset_integrity"], env)
     return {"root": root, "env": env, "names": names, "ids": [str(FIRST_ID + k) for k in range(NUM_SITES)]}
 
 

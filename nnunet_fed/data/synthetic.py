@@ -68,14 +68,15 @@ _SCANNER_TABLE = (
 # Anatomy (shape family + tumour appearance). Intensities are in "tissue units" (background ~0.2).
 #   organ_radius: organ radius in normalised image coordinates ([-1, 1] per axis), elongation: extra axis
 #   ratio multiplied onto the site elongation, deform: amplitude of the low-frequency radius harmonics,
-#   bend: parabolic bending (bean shape), rim_width/rim_intensity: darker organ rim (pixels),
+#   bend: parabolic bending (bean shape), rim_width/rim_intensity: darker organ rim (in pixels of a 64 grid,
+#   scaled with the grid size),
 #   tumour_*: tumour mean intensity, texture amplitude and texture scale (pixels).
 _FAMILY_PARAMS = {
     "ellipse": dict(organ_radius=0.52, elongation=1.0, deform=0.06, bend=0.0, rim_width=0.0, rim_intensity=0.0,
                     organ_intensity=0.60, organ_texture=0.04,
                     tumour_intensity=0.92, tumour_texture=0.03, tumour_texture_sigma=2.0,
                     tumour_appearance="hyperintense_smooth"),
-    "rim": dict(organ_radius=0.46, elongation=0.8, deform=0.05, bend=0.0, rim_width=2.5, rim_intensity=0.40,
+    "rim": dict(organ_radius=0.54, elongation=0.8, deform=0.05, bend=0.0, rim_width=2.5, rim_intensity=0.40,
                 organ_intensity=0.62, organ_texture=0.04,
                 tumour_intensity=0.24, tumour_texture=0.05, tumour_texture_sigma=1.5,
                 tumour_appearance="hypointense_smooth"),
@@ -207,15 +208,21 @@ def generate_case(shape: tuple, params: dict, rng: np.random.Generator) -> tuple
         if n > 1:
             sizes = ndimage.sum(organ, lab, index=np.arange(1, n + 1))
             organ = lab == (1 + int(np.argmax(sizes)))
-    # distances inside the organ, in pixels and in normalised units
-    edt_pix = ndimage.distance_transform_edt(organ)
+    # distances inside the organ, in normalised units and in in-plane pixels (the object geometry is defined
+    # in normalised coordinates, so a z voxel of a thinner z grid counts as more than one in-plane pixel)
     edt_norm = ndimage.distance_transform_edt(organ, sampling=1.0 / half)
+    edt_pix = edt_norm * half.max()
+    # plain voxel distance: > sqrt(dim) guarantees every (8/26-)neighbour of a tumour voxel is organ
+    edt_vox = ndimage.distance_transform_edt(organ)
+    rim_pix = fam["rim_width"] * half.max() / 32.0
+    if rim_pix > 0:
+        rim_pix = max(rim_pix, 1.0)
 
     label = organ.astype(np.uint8)
 
     # ---- tumour (strictly inside the organ, away from boundary / rim)
     has_tumour = bool(rng.random() < TUMOUR_PROBABILITY)
-    margin_pix = 2.0 + fam["rim_width"]
+    margin_pix = max(1.8, 0.06 * half.max()) + rim_pix
     t_radius = radius * rng.uniform(0.28, 0.42)
     t_elong = rng.uniform(0.8, 1.25)
     t_angle = rng.uniform(0, np.pi)
@@ -223,13 +230,13 @@ def generate_case(shape: tuple, params: dict, rng: np.random.Generator) -> tuple
     if has_tumour:
         for _ in range(6):
             t_radii = [t_radius * np.sqrt(t_elong), t_radius / np.sqrt(t_elong), t_radius]
-            need = max(t_radii) * 1.05 + margin_pix / half.min()
+            need = max(t_radii) * 0.95 + margin_pix / half.max()
             cand = np.flatnonzero((edt_norm >= need).ravel())
             if cand.size:
                 idx = np.unravel_index(cand[rng.integers(cand.size)], shape)
                 t_center = np.array([coords[d][idx] for d in range(dim)])
                 tumour = _blob(coords, t_center, t_radii, t_angle, 0.08, rng, n_harmonics=3)
-                tumour &= edt_pix > margin_pix
+                tumour &= (edt_pix > margin_pix) & (edt_vox > np.sqrt(dim) + 0.05)
                 if tumour.sum() >= 4:
                     break
             t_radius *= 0.8
@@ -259,8 +266,8 @@ def generate_case(shape: tuple, params: dict, rng: np.random.Generator) -> tuple
 
     organ_tex = _smooth_noise(shape, 1.5, rng)
     tissue[organ] = fam["organ_intensity"] + fam["organ_texture"] * organ_tex[organ]
-    if fam["rim_width"] > 0:
-        rim = organ & (edt_pix <= fam["rim_width"])
+    if rim_pix > 0:
+        rim = organ & (edt_pix <= rim_pix)
         tissue[rim] = fam["rim_intensity"] + fam["organ_texture"] * organ_tex[rim]
     if has_tumour:
         t_tex = _smooth_noise(shape, fam["tumour_texture_sigma"], rng)

@@ -13,7 +13,9 @@ Outputs follow nnU-Net's layout::
 """
 from __future__ import annotations
 
+import contextlib
 import glob
+import io
 import multiprocessing
 import os
 import random
@@ -114,8 +116,10 @@ def _make_trainer(cfg: SimulationConfig, site_name: str, trainer_cls, device: to
     base = os.path.join(os.environ["nnUNet_preprocessed"], site_name)
     plans = load_json(os.path.join(base, cfg.plans_identifier + ".json"))
     plans["continue_training"] = False
-    trainer = trainer_cls(plans=plans, configuration=cfg.configuration, fold=cfg.fold,
-                          dataset_json=load_json(os.path.join(base, "dataset.json")), device=device)
+    # nnU-Net's constructor prints a banner per trainer; with a progress bar it goes to the site's log only
+    with contextlib.redirect_stdout(io.StringIO()) if cfg.progress else contextlib.nullcontext():
+        trainer = trainer_cls(plans=plans, configuration=cfg.configuration, fold=cfg.fold,
+                              dataset_json=load_json(os.path.join(base, "dataset.json")), device=device)
     trainer.console_output = not cfg.progress
     trainer.configure_federation(cfg.rounds, cfg.local_steps, cfg.val_steps, cfg.fedprox_mu)
     return trainer
