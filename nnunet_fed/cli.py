@@ -24,15 +24,27 @@ def _add_simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-val", action="store_true", help="skip nnU-Net's final validation at each site")
     p.add_argument("--fresh", action="store_true", help="discard a previous run of the same federation and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress bar; print nnU-Net's logs instead")
+    p.add_argument("--federated-planning", action="store_true",
+                   help="first plan the sites together from aggregate fingerprints (nnUNetFedPlans) and "
+                        "preprocess every site with the shared plans")
+    p.add_argument("--dp-epsilon", type=float, default=None,
+                   help="with --federated-planning: epsilon of the noise added to each site's shared summary")
+    p.add_argument("-np", "--num-processes", type=int, default=2, help="processes for planning/preprocessing")
 
 
 def cmd_simulate(args) -> int:
     from nnunet_fed.federation.simulation import SimulationConfig, simulate
 
     fold = args.fold if args.fold == "all" else int(args.fold)
+    plans_identifier = args.plans
+    if args.federated_planning:  # round 0: fingerprint summaries, merged plans, site preprocessing
+        from nnunet_fed.plans.federated_planning import run_federated_planning
+
+        plans_identifier = run_federated_planning(args.datasets, configurations=(args.configuration,),
+                                                  num_processes=args.num_processes, dp_epsilon=args.dp_epsilon)
     cfg = SimulationConfig(dataset_ids=args.datasets, configuration=args.configuration, trainer=args.trainer,
                            rounds=args.rounds, local_steps=args.local_steps, val_steps=args.val_steps, fold=fold,
-                           plans_identifier=args.plans, device=args.device, fedprox_mu=args.fedprox_mu,
+                           plans_identifier=plans_identifier, device=args.device, fedprox_mu=args.fedprox_mu,
                            federation_name=args.federation_name, seed=args.seed, final_validation=not args.no_val,
                            fresh=args.fresh, progress=not args.no_progress)
     out = simulate(cfg)
@@ -98,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["cuda", "cpu", "mps"])
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
+
+    from nnunet_fed.plans.cli import add_planning_commands
+
+    add_planning_commands(sub)
 
     p = sub.add_parser("trainer-path", help="print the folder to put in nnUNet_extTrainer")
     p.set_defaults(func=cmd_trainer_path)
