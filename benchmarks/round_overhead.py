@@ -14,9 +14,12 @@ What it does (every training run in a fresh subprocess, see "fairness" below):
    ``num_iterations_per_epoch=K*N``, ``num_val_iterations_per_epoch=K*V``, ``run_training()``;
 3. federated arm: ``simulate(SimulationConfig(K sites, rounds=R, local_steps=N, val_steps=V, fresh=True,
    final_validation=False))``: the same R*K*N training and R*K*V validation iterations;
-4. prints every measurement, the median ratio simulation / vanilla, and a per-component breakdown of where
-   the extra time goes (both arms are instrumented the same way: a wrapper around ~40 methods that adds
-   ~1 us per call; train_step is ~0.1 s);
+4. prints every measurement, the median ratio simulation / vanilla (and the CPU-time ratio), and a
+   per-component breakdown of where the extra time goes: both arms are instrumented the same way, a wrapper
+   around ~60 methods that records wall time and minor page faults per call (~2 us per call; a train_step
+   is ~130 ms). Steps right after a data loader (re)start are counted apart: their excess over the
+   steady-state step time is overhead of the restart (copy-on-write faults after the fork, CPU shared with
+   the new workers filling their caches);
 5. peak memory (PSS of the whole process tree, sampled every 0.2 s from /proc/<pid>/smaps_rollup, plus the
    main process's ru_maxrss) of a short simulation for every K in ``--memory-sites``, per extra site, and
    compared with one copy of the network weights.
@@ -26,7 +29,14 @@ Fairness: both arms run in fresh interpreters (``python this_file --_worker ...`
 (``multiprocessing.cpu_count()``, what both ``nnUNetv2_train -device cpu`` and ``simulate`` set). Imports
 happen before the clock starts in both arms; the clock includes the trainer class lookup, trainer
 construction, data loader start-up, training, validation passes, checkpoints/plots and the final checkpoint.
-Arms alternate in order between repeats.
+Arms alternate in order between repeats. The machine may be shared: before each run the script waits (up to
+``--idle-wait`` s) until other processes use < 0.25 cores, measures how many cores other processes used
+during the run (/proc/stat minus the run's own CPU time), and runs a timing again (``--retries``) when that
+exceeds ``--max-foreign``.
+
+Data and results live under ``--workdir`` (default /tmp/nnunet_fed_round_overhead): nnUNet_raw,
+nnUNet_preprocessed, results_vanilla, results_fed, results_mem_<K>, logs/ (each worker's log, spec and JSON
+result, memory samples).
 """
 from __future__ import annotations
 
@@ -165,6 +175,12 @@ def describe_plans(site_id: int) -> str:
 
 
 # ================================================================================================== profiler
+def _minor_faults() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 class Profiler:
     """Wraps methods and records, per key, calls, inclusive and exclusive (minus wrapped callees) seconds.
 
@@ -179,20 +195,23 @@ class Profiler:
         self.missing: list[str] = []
 
     def _enter(self, key):
-        frame = [key, time.perf_counter(), 0.0]
+        frame = [key, time.perf_counter(), 0.0, _minor_faults(), 0]
         self.stack.append(frame)
         self.first_call_wall.setdefault(key, time.time())
         return frame
 
     def _exit(self, frame):
         dur = time.perf_counter() - frame[1]
+        faults = _minor_faults() - frame[3]
         self.stack.pop()
-        s = self.stats.setdefault(frame[0], [0, 0.0, 0.0])
+        s = self.stats.setdefault(frame[0], [0, 0.0, 0.0, 0])
         s[0] += 1
         s[1] += dur
         s[2] += dur - frame[2]
+        s[3] += faults - frame[4]  # minor page faults (zero-fill and copy-on-write), exclusive
         if self.stack:
             self.stack[-1][2] += dur
+            self.stack[-1][4] += faults
 
     def section(self, key):
         prof = self
@@ -259,13 +278,16 @@ def instrument_common(prof: Profiler) -> None:
     T = nnUNetTrainer
     # the first train/validation step after a data loader (re)start is recorded apart: the fork makes every
     # page the main process writes next a copy-on-write fault
-    pending = {"train": False, "val": False}
+    pending = {"train": 99, "val": 99}  # steps since the last data loader start
 
     def step_key(kind, label):
         def keyfn(args, kwargs):
-            if pending[kind]:
-                pending[kind] = False
+            n = pending[kind]
+            pending[kind] += 1
+            if n == 0:
                 return f"{label} (1st after a data loader start)"
+            if n < 5:
+                return f"{label} (2nd-5th after a data loader start)"
             return f"{label} (compute)"
         return keyfn
 
@@ -290,7 +312,7 @@ def instrument_common(prof: Profiler) -> None:
     prof.wrap(T, "save_checkpoint", keyfn=_checkpoint_kind)
     prof.wrap(LocalLogger, "plot_progress_png", "nnU-Net progress.png plot (per epoch)")
     prof.wrap(NonDetMultiThreadedAugmenter, "_start", "data: start workers (fork)",
-              after=lambda args, _: pending.update(train=True, val=True))
+              after=lambda args, _: pending.update(train=0, val=0))
     prof.wrap(NonDetMultiThreadedAugmenter, "_finish", "data: stop workers")
     prof.wrap(NonDetMultiThreadedAugmenter, "__next__", keyfn=_batch_kind)
 
@@ -547,7 +569,7 @@ def run_worker(kind: str, spec: dict, workdir: str, results_sub: str, tag: str, 
     return result
 
 
-def print_profile_table(title: str, prof: dict, rounds: int, keys_order=None, other: dict | None = None) -> None:
+def print_profile_table(title: str, prof: dict, rounds: int, other: dict | None = None) -> None:
     stats = prof["stats"]
     print(f"\n  {title}")
     header = f"    {'component (exclusive time: its own, without wrapped callees)':<62} {'calls':>6} {'s':>8} {'s/round':>8}"
@@ -558,11 +580,11 @@ def print_profile_table(title: str, prof: dict, rounds: int, keys_order=None, ot
                   key=lambda k: -(stats.get(k, [0, 0, 0])[2] - (other.get(k, [0, 0, 0])[2] if other else 0)))
     total = 0.0
     for k in keys:
-        c, _, ex = stats.get(k, [0, 0.0, 0.0])
+        c, ex = stats.get(k, [0, 0.0, 0.0])[0], stats.get(k, [0, 0.0, 0.0])[2]
         total += ex
         line = f"    {k:<62} {c:>6} {ex:>8.2f} {ex / rounds:>8.3f}"
         if other is not None:
-            oc, _, oex = other.get(k, [0, 0.0, 0.0])
+            oex = other.get(k, [0, 0.0, 0.0])[2]
             line += f" {oex:>9.2f} {ex - oex:>+8.2f} {(ex - oex) / rounds:>+8.3f}"
         print(line)
     line = f"    {'sum':<62} {'':>6} {total:>8.2f} {total / rounds:>8.3f}"
@@ -573,14 +595,15 @@ def print_profile_table(title: str, prof: dict, rounds: int, keys_order=None, ot
 
 
 CATEGORIES = [
-    ("training + validation compute (train_step, validation_step)",
+    ("training + validation compute (all steps at the steady-state step time)",
      ("train_step (compute)", "validation_step (compute)")),
     ("waiting for batches in steady state", ("data: wait for batch (steady)",)),
     ("data loader restarts (stop workers, fork workers, wait for 1st batch)",
      ("data: stop workers", "data: start workers (fork)", "data: wait for 1st batch after start",
       "fed release_dataloaders (rest)")),
-    ("1st train/val step after a data loader start (incl. copy-on-write faults after fork)",
-     ("train_step (1st after a data loader start)", "validation_step (1st after a data loader start)")),
+    ("extra time of steps 1-5 after a data loader start (page faults after fork, CPU shared with new workers)",
+     ("train_step (1st after a data loader start)", "validation_step (1st after a data loader start)",
+      "train_step (2nd-5th after a data loader start)", "validation_step (2nd-5th after a data loader start)")),
     ("round state save/load (torch.save/torch.load of weights+optimizer+logger+RNG)",
      ("save_checkpoint [round state]", "fed save_round_state (rest)",
       "fed load_checkpoint (round state, torch.load)", "sim prune old round states")),
@@ -610,13 +633,34 @@ CATEGORIES = [
 ]
 
 
-def categorise(stats: dict) -> dict:
+def steady_step_seconds(*stats_list) -> dict:
+    """Mean steady-state step time (steps >= 6 after a data loader start), from the first arm that has some."""
+    out = {}
+    for label in ("train_step", "validation_step"):
+        for stats in stats_list:
+            c, _, ex, _ = stats.get(f"{label} (compute)", [0, 0.0, 0.0, 0])
+            if c:
+                out[label] = ex / c
+                break
+    return out
+
+
+def categorise(stats: dict, steady: dict) -> dict:
+    """Exclusive seconds per category; steps right after a data loader start count only their excess over
+    the steady-state step time ``steady`` (the rest is compute, like any other step)."""
     out, used = {}, set()
     for name, keys in CATEGORIES:
         out[name] = sum(stats.get(k, [0, 0, 0])[2] for k in keys)
         used.update(keys)
     rest = {k: v[2] for k, v in stats.items() if k not in used}
     out["other"] = sum(rest.values())
+    compute, after_start = CATEGORIES[0][0], CATEGORIES[3][0]
+    for label in ("train_step", "validation_step"):
+        for sub in ("1st after a data loader start", "2nd-5th after a data loader start"):
+            c = stats.get(f"{label} ({sub})", [0])[0]
+            moved = c * steady.get(label, 0.0)
+            out[compute] += moved
+            out[after_start] -= moved
     return out
 
 
@@ -639,22 +683,36 @@ def benchmark_time(args, ids, env_extra) -> list[tuple]:
         res = {}
         for kind in order:
             sub = "results_vanilla" if kind == "vanilla" else "results_fed"
-            r = run_worker(kind, spec, args.workdir, sub, f"time_{kind}_rep{rep}", env_extra,
-                           idle_wait=args.idle_wait)
+            for attempt in range(args.retries + 1):
+                r = run_worker(kind, spec, args.workdir, sub, f"time_{kind}_rep{rep}", env_extra,
+                               idle_wait=args.idle_wait)
+                r["contended"] = r["foreign_cores"] > args.max_foreign
+                print(f"  repeat {rep + 1}/{args.repeats} {kind:<9}: {r['seconds']:8.2f} s timed "
+                      f"({r['process_wall']:.2f} s incl. interpreter start + imports; torch threads "
+                      f"{r['torch_threads']}; {r['own_cpu_seconds']:.0f} CPU-s own incl. data loader workers; "
+                      f"before: {r['idle_check']}; other processes used {r['foreign_cores']:.2f} cores on "
+                      f"average during the run{'  -> CONTENDED' if r['contended'] else ''})", flush=True)
+                if not r["contended"]:
+                    break
+                if attempt < args.retries:
+                    print("    (discarded: other processes competed for the CPUs; running it again)")
             res[kind] = r
-            print(f"  repeat {rep + 1}/{args.repeats} {kind:<9}: {r['seconds']:8.2f} s timed "
-                  f"({r['process_wall']:.2f} s incl. interpreter start + imports; torch threads "
-                  f"{r['torch_threads']}; {r['own_cpu_seconds']:.0f} CPU-s own; before: {r['idle_check']}; "
-                  f"other processes used {r['foreign_cores']:.2f} cores on average during the run)", flush=True)
         ratio = res["federated"]["seconds"] / res["vanilla"]["seconds"]
-        print(f"  repeat {rep + 1}/{args.repeats} ratio simulate / vanilla = {ratio:.3f}")
+        cpu_ratio = res["federated"]["own_cpu_seconds"] / res["vanilla"]["own_cpu_seconds"]
+        print(f"  repeat {rep + 1}/{args.repeats} ratio simulate / vanilla = {ratio:.3f} (CPU time ratio "
+              f"{cpu_ratio:.3f})")
         pairs.append((res["vanilla"], res["federated"], ratio))
     ratios = [p[2] for p in pairs]
     med = statistics.median(ratios)
+    clean = [p[2] for p in pairs if not (p[0]["contended"] or p[1]["contended"])]
+    cpu = statistics.median(p[1]["own_cpu_seconds"] / p[0]["own_cpu_seconds"] for p in pairs)
     print(f"\nmeasurements (s): vanilla {[round(p[0]['seconds'], 2) for p in pairs]}, "
-          f"simulate {[round(p[1]['seconds'], 2) for p in pairs]}; ratios {[round(r, 3) for r in ratios]}")
+          f"simulate {[round(p[1]['seconds'], 2) for p in pairs]}; ratios {[round(r, 3) for r in ratios]}"
+          f"{'' if len(clean) == len(pairs) else f'; without contended repeats: {[round(r, 3) for r in clean]}'}")
+    print(f"CPU time (main + data loader workers) ratio, median: {cpu:.2f}")
     print(f"time ratio (simulation / vanilla) for K={K}: {med:.2f} (target <= 1.10)"
-          f"{'' if med <= 1.10 else '  -> ABOVE TARGET'}")
+          f"{'' if med <= 1.10 else '  -> ABOVE TARGET'}"
+          f"{'' if len(clean) == len(pairs) else '  [some measurements were contended, see above]'}")
     return pairs
 
 
@@ -666,27 +724,39 @@ def print_breakdown(args, pairs) -> None:
     vs, fs = van["profile"]["stats"], fed["profile"]["stats"]
 
     def mean_ms(stats, key):
-        c, _, ex = stats.get(key, [0, 0.0, 0.0])
-        return f"{1000 * ex / c:7.1f} ms x {c:<4}" if c else "        -        "
+        c, _, ex, faults = stats.get(key, [0, 0.0, 0.0, 0])
+        return f"{1000 * ex / c:7.1f} ms {faults / c:7.0f} faults x {c:<4}" if c else f"{'-':^32}"
 
+    print(f"  {'step kind':<52}       vanilla: mean time, minor page faults      simulate")
     for label in ("train_step", "validation_step"):
-        for sub in ("compute", "1st after a data loader start"):
+        for sub in ("compute", "1st after a data loader start", "2nd-5th after a data loader start"):
             key = f"{label} ({sub})"
-            print(f"  {key:<48} mean: vanilla {mean_ms(vs, key)}  simulate {mean_ms(fs, key)}")
-    cv, cf = categorise(vs), categorise(fs)
-    print(f"\n  {'category':<80} {'vanilla s':>9} {'simulate s':>10} {'diff s':>8} {'diff/round':>10}")
+            print(f"  {key:<52} {mean_ms(vs, key)}  {mean_ms(fs, key)}")
+    steady = steady_step_seconds(vs, fs)
+    cv, cf = categorise(vs, steady), categorise(fs, steady)
+    w = max(len(n) for n in cv)
+    print(f"\n  {'category':<{w}} {'vanilla s':>9} {'simulate s':>10} {'diff s':>8} {'diff/round':>10}")
     for name in cv:
-        if cv[name] == 0 and cf[name] == 0:
+        if abs(cv[name]) < 0.005 and abs(cf[name]) < 0.005:
             continue
-        print(f"  {name:<80} {cv[name]:>9.2f} {cf[name]:>10.2f} {cf[name] - cv[name]:>+8.2f} "
+        print(f"  {name:<{w}} {cv[name]:>9.2f} {cf[name]:>10.2f} {cf[name] - cv[name]:>+8.2f} "
               f"{(cf[name] - cv[name]) / R:>+10.3f}")
-    print(f"  {'total (timed)':<80} {van['seconds']:>9.2f} {fed['seconds']:>10.2f} "
+    print(f"  {'total (timed)':<{w}} {van['seconds']:>9.2f} {fed['seconds']:>10.2f} "
           f"{fed['seconds'] - van['seconds']:>+8.2f} {(fed['seconds'] - van['seconds']) / R:>+10.3f}")
     extra = (fed["seconds"] - van["seconds"])
     compute = cf[CATEGORIES[0][0]] - cv[CATEGORIES[0][0]]
     print(f"  -> extra time of simulate: {extra:+.2f} s = {extra / R:+.2f} s per round = "
           f"{extra / (R * K):+.2f} s per site-round; of which train/val compute differs by {compute:+.2f} s "
-          f"(noise / CPU contention, not overhead)")
+          f"(noise / CPU contention, not overhead)"
+          f"{'' if 'train_step (compute)' in fs else '; simulate had no steady-state steps (N <= 5): vanilla step time used'}")
+
+    sv, sf = vs.get("train_step (compute)"), fs.get("train_step (compute)")
+    if sv and sf and sv[3] / sv[0] > 4 * max(1.0, sf[3] / sf[0]) and sv[3] / sv[0] > 1000:
+        print(f"  note: a steady-state train_step takes {sv[3] / sv[0]:.0f} minor page faults in vanilla but "
+              f"{sf[3] / sf[0]:.0f} in simulate: glibc's dynamic mmap threshold hands the activations back to the "
+              f"kernel after every vanilla step, while simulate's larger frees have raised the threshold. Not "
+              f"federation overhead: run both arms with MALLOC_MMAP_THRESHOLD_=33554432 "
+              f"MALLOC_TRIM_THRESHOLD_=268435456 to remove it from both.")
 
     # per-round records
     print("\n  simulate per round (federation_metrics.jsonl): round wall time (all sites + aggregation) vs "
@@ -778,15 +848,19 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sites", type=int, default=3, help="K for the timing comparison (default 3)")
     p.add_argument("--rounds", type=int, default=None, help="R (default 4, --quick 2)")
-    p.add_argument("--local-steps", type=int, default=None, help="N local steps per site-round (default 50, --quick 5)")
-    p.add_argument("--val-steps", type=int, default=None, help="V val steps per site-round (default 5, --quick 2)")
+    p.add_argument("--local-steps", type=int, default=None, help="N local steps per site-round (default 50 as SimulationConfig, --quick 5)")
+    p.add_argument("--val-steps", type=int, default=None, help="V val steps per site-round (default 10 as SimulationConfig, --quick 2)")
     p.add_argument("--repeats", type=int, default=None, help="timing repeats, arms alternate (default 2, --quick 1)")
     p.add_argument("--workdir", default=DEFAULT_WORKDIR, help=f"default {DEFAULT_WORKDIR}")
-    p.add_argument("--memory-sites", type=int, nargs="*", default=[2, 8], help="K values for peak memory ([] skips)")
-    p.add_argument("--mem-rounds", type=int, default=None, help="rounds of the memory runs (default 2)")
+    p.add_argument("--memory-sites", type=int, nargs="*", default=[2, 8], help="K values for peak memory (default 2 8; give none to skip)")
+    p.add_argument("--mem-rounds", type=int, default=None, help="rounds of the memory runs (default 2, --quick 1)")
     p.add_argument("--mem-local-steps", type=int, default=None, help="local steps of the memory runs (default 5, --quick 3)")
-    p.add_argument("--mem-val-steps", type=int, default=None, help="val steps of the memory runs (default 1)")
+    p.add_argument("--mem-val-steps", type=int, default=None, help="val steps of the memory runs (default 1, --quick 1)")
     p.add_argument("--skip-time", action="store_true", help="only the memory measurement")
+    p.add_argument("--max-foreign", type=float, default=0.3,
+                   help="a timing during which other processes used more than this many cores on average is "
+                        "flagged as contended and run again (default 0.3)")
+    p.add_argument("--retries", type=int, default=1, help="re-runs of a contended timing (default 1)")
     p.add_argument("--idle-wait", type=float, default=None,
                    help="before each run wait up to this many s for other processes to go quiet "
                         "(default 300, --quick 30; 0: no check)")
@@ -800,7 +874,7 @@ def main(argv=None) -> None:
         return
 
     q = args.quick
-    defaults = {"rounds": (4, 2), "local_steps": (50, 5), "val_steps": (5, 2), "repeats": (2, 1),
+    defaults = {"rounds": (4, 2), "local_steps": (50, 5), "val_steps": (10, 2), "repeats": (2, 1),
                 "mem_rounds": (2, 1), "mem_local_steps": (5, 3), "mem_val_steps": (1, 1),
                 "idle_wait": (300.0, 30.0)}
     for k, (full, quick) in defaults.items():
