@@ -49,20 +49,35 @@ def dataset_name(dataset_id: str | int) -> str:
                                    f"nnU-Net says: {e}") from None
 
 
-def _load_dataset_json(name: str, source: str) -> dict:
-    root = os.environ["nnUNet_raw" if source == "raw" else "nnUNet_preprocessed"]
-    path = os.path.join(root, name, "dataset.json")
+def read_json(path: str, what: str) -> object:
+    """Parse a JSON file; ``what`` names it in the error (e.g. "site X: /path/dataset.json")."""
     if not os.path.isfile(path):
-        raise FederationSetupError(f"site {name}: {path} does not exist")
+        raise FederationSetupError(f"{what} does not exist")
     try:
         with open(path) as f:
             return json.load(f)
-    except json.JSONDecodeError as e:
-        raise FederationSetupError(f"site {name}: {path} is not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FederationSetupError(f"{what} is not valid JSON ({e})") from None
 
 
-def _describe(value) -> str:
+def write_json_atomic(obj, path: str, **dump_kwargs) -> str:
+    """Write JSON through a temporary file, so that an interruption never leaves half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, **dump_kwargs)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def describe(value) -> str:
+    """Canonical text of a dataset.json entry, for comparing sites and naming differences."""
     return json.dumps(value, sort_keys=True)
+
+
+def _load_dataset_json(name: str, source: str) -> dict:
+    root = os.environ["nnUNet_raw" if source == "raw" else "nnUNet_preprocessed"]
+    path = os.path.join(root, name, "dataset.json")
+    return read_json(path, f"site {name}: {path}")
 
 
 def check_sites_compatible(names: Sequence[str], source: str = "raw") -> dict:
@@ -80,10 +95,10 @@ def check_sites_compatible(names: Sequence[str], source: str = "raw") -> dict:
     for name in names[1:]:
         dj = jsons[name]
         for key in ("channel_names", "labels", "file_ending", "regions_class_order"):
-            if _describe(dj.get(key)) != _describe(ref.get(key)):
+            if describe(dj.get(key)) != describe(ref.get(key)):
                 raise FederationSetupError(
-                    f"site {name}: {key} differ from site {ref_name}: {_describe(dj.get(key))} vs "
-                    f"{_describe(ref.get(key))}. All sites must use the same {key}.")
+                    f"site {name}: {key} differ from site {ref_name}: {describe(dj.get(key))} vs "
+                    f"{describe(ref.get(key))}. All sites must use the same {key}.")
     return ref
 
 

@@ -20,7 +20,6 @@ under DP has no exact sums; its sketch's moments are used instead.
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 
@@ -28,13 +27,9 @@ import numpy as np
 
 from nnunet_fed.plans.sketch import LogSketch
 from nnunet_fed.plans.summary import GEOMETRY_KINDS, SHARED_DATASET_KEYS, SUMMARY_FORMAT, SUMMARY_VERSION
-from nnunet_fed.sites import FederationSetupError
+from nnunet_fed.sites import FederationSetupError, describe
 
 MERGED_FORMAT = "nnunet_fed.merged_fingerprint"
-
-
-def _describe(value) -> str:
-    return json.dumps(value, sort_keys=True)
 
 
 def _site(summary: dict, k: int) -> str:
@@ -65,9 +60,9 @@ def validate_summaries(summaries: list[dict]) -> None:
     for s, name in zip(summaries[1:], names[1:]):
         for key in SHARED_DATASET_KEYS:
             a, b = s["dataset_json"].get(key), ref["dataset_json"].get(key)
-            if _describe(a) != _describe(b):
+            if describe(a) != describe(b):
                 raise FederationSetupError(
-                    f"site {name}: {key} differ from site {ref_name}: {_describe(a)} vs {_describe(b)}. "
+                    f"site {name}: {key} differ from site {ref_name}: {describe(a)} vs {describe(b)}. "
                     f"All sites must use the same {key}.")
         if int(s["num_axes"]) != int(ref["num_axes"]):
             raise FederationSetupError(f"site {name}: images have {s['num_axes']} axes, site {ref_name} "

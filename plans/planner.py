@@ -41,7 +41,7 @@ from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner
 from nnunet_fed.plans.merge import MERGED_FORMAT, merge_summaries
 from nnunet_fed.plans.sketch import LogSketch
 from nnunet_fed.plans.summary import load_summary
-from nnunet_fed.sites import FederationSetupError
+from nnunet_fed.sites import FederationSetupError, write_json_atomic
 
 FED_PLANS_IDENTIFIER = "nnUNetFedPlans"
 PLANS_FEDERATION_FORMAT = "nnunet_fed.federated_plans"
@@ -184,10 +184,5 @@ def plan_federation(summary_files: Sequence[str], output_plans_file: str,
             plans = json.loads(json.dumps(planner.plans))  # plain JSON types (lists, not tuples)
         finally:
             planner.cleanup()
-    folder = os.path.dirname(os.path.abspath(output_plans_file))
-    os.makedirs(folder, exist_ok=True)
-    tmp = output_plans_file + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(plans, f, indent=4, sort_keys=False)
-    os.replace(tmp, output_plans_file)
+    write_json_atomic(plans, output_plans_file, indent=4, sort_keys=False)
     return plans

@@ -25,21 +25,11 @@ from typing import Sequence
 
 from nnunet_fed.plans.planner import PLANS_FEDERATION_FORMAT
 from nnunet_fed.plans.summary import SHARED_DATASET_KEYS
-from nnunet_fed.sites import FederationSetupError, dataset_name, require_nnunet_paths
-
-
-def _describe(value) -> str:
-    return json.dumps(value, sort_keys=True)
+from nnunet_fed.sites import FederationSetupError, dataset_name, describe, read_json, require_nnunet_paths
 
 
 def load_federated_plans(plans_file: str) -> dict:
-    if not os.path.isfile(plans_file):
-        raise FederationSetupError(f"plans file {plans_file} does not exist")
-    try:
-        with open(plans_file) as f:
-            plans = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FederationSetupError(f"plans file {plans_file} is not valid JSON ({e})") from None
+    plans = read_json(plans_file, f"plans file {plans_file}")
     fed = plans.get("federation") if isinstance(plans, dict) else None
     if not isinstance(fed, dict) or fed.get("format") != PLANS_FEDERATION_FORMAT or "configurations" not in plans:
         raise FederationSetupError(f"{plans_file} is not a federated plans file (make it with 'nnunet_fed plan')")
@@ -49,10 +39,10 @@ def load_federated_plans(plans_file: str) -> dict:
 def check_site_matches_plans(name: str, site_dataset_json: dict, plans: dict, plans_file: str = "the plans") -> None:
     expected = plans["federation"]["dataset_json"]
     for key in SHARED_DATASET_KEYS:
-        if _describe(site_dataset_json.get(key)) != _describe(expected.get(key)):
+        if describe(site_dataset_json.get(key)) != describe(expected.get(key)):
             raise FederationSetupError(
                 f"site {name}: {key} differ from the federation's plans ({plans_file}): "
-                f"{_describe(site_dataset_json.get(key))} vs {_describe(expected.get(key))}. "
+                f"{describe(site_dataset_json.get(key))} vs {describe(expected.get(key))}. "
                 f"All sites must use the same {key}.")
 
 
@@ -77,13 +67,7 @@ def preprocess_site(dataset_id_or_name, plans_file: str, configurations: Sequenc
 
     raw_folder = os.path.join(os.environ["nnUNet_raw"], name)
     dj_file = os.path.join(raw_folder, "dataset.json")
-    if not os.path.isfile(dj_file):
-        raise FederationSetupError(f"site {name}: {dj_file} does not exist")
-    try:
-        with open(dj_file) as f:
-            site_dj = json.load(f)
-    except json.JSONDecodeError as e:
-        raise FederationSetupError(f"site {name}: {dj_file} is not valid JSON ({e})") from None
+    site_dj = read_json(dj_file, f"site {name}: {dj_file}")
     check_site_matches_plans(name, site_dj, plans, plans_file)
     missing = [c for c in configurations if c not in plans["configurations"]]
     if missing:

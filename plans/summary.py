@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
 import multiprocessing
 import os
@@ -57,7 +56,7 @@ from typing import Sequence
 import numpy as np
 
 from nnunet_fed.plans.sketch import LogSketch
-from nnunet_fed.sites import FederationSetupError, dataset_name, require_nnunet_paths
+from nnunet_fed.sites import FederationSetupError, dataset_name, read_json, require_nnunet_paths, write_json_atomic
 
 SUMMARY_FORMAT = "nnunet_fed.site_summary"
 SUMMARY_VERSION = 1
@@ -296,23 +295,11 @@ def build_summary(name: str, dataset_json: dict, reader_writer_name: str, agg: d
 
 
 def write_summary(summary: dict, output_file: str) -> str:
-    folder = os.path.dirname(os.path.abspath(output_file))
-    os.makedirs(folder, exist_ok=True)
-    tmp = output_file + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=1, allow_nan=False)
-    os.replace(tmp, output_file)
-    return output_file
+    return write_json_atomic(summary, output_file, indent=1, allow_nan=False)
 
 
 def load_summary(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise FederationSetupError(f"site summary {path} does not exist")
-    try:
-        with open(path) as f:
-            s = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FederationSetupError(f"site summary {path} is not valid JSON ({e})") from None
+    s = read_json(path, f"site summary {path}")
     if not isinstance(s, dict) or s.get("format") != SUMMARY_FORMAT:
         raise FederationSetupError(f"{path} is not an nnunet_fed site summary (made by 'nnunet_fed site "
                                    f"fingerprint')")
