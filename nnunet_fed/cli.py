@@ -29,7 +29,21 @@ def _add_simulate_args(p: argparse.ArgumentParser) -> None:
                         "preprocess every site with the shared plans")
     p.add_argument("--dp-epsilon", type=float, default=None,
                    help="with --federated-planning: epsilon of the noise added to each site's shared summary")
+    p.add_argument("-o", "--option", action="append", default=[], metavar="NAME=VALUE",
+                   help="trainer option (repeatable), e.g. -o target_epsilon=8; nnUNetv2_train reads the same "
+                        "option from the variable nnUNet_fed_<NAME>")
     p.add_argument("-np", "--num-processes", type=int, default=2, help="processes for planning/preprocessing")
+
+
+def parse_options(items) -> dict:
+    """``["a=1", "b=x"]`` -> ``{"a": "1", "b": "x"}`` (the trainer casts each value to its option's type)."""
+    options = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"option {item!r} is not NAME=VALUE")
+        options[name.strip()] = value.strip()
+    return options
 
 
 def cmd_simulate(args) -> int:
@@ -46,7 +60,8 @@ def cmd_simulate(args) -> int:
                            rounds=args.rounds, local_steps=args.local_steps, val_steps=args.val_steps, fold=fold,
                            plans_identifier=plans_identifier, device=args.device, fedprox_mu=args.fedprox_mu,
                            federation_name=args.federation_name, seed=args.seed, final_validation=not args.no_val,
-                           fresh=args.fresh, progress=not args.no_progress)
+                           fresh=args.fresh, progress=not args.no_progress,
+                           trainer_options=parse_options(args.option))
     out = simulate(cfg)
     print(f"global model: {out['global_model_folder']}")
     for site, folder in out["site_folders"].items():

@@ -30,9 +30,9 @@ import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
 
 from nnunet_fed import sites as site_checks
-from nnunet_fed.federation.aggregation import make_strategy
 from nnunet_fed.federation.records import MetricsLog, load_server_state, save_server_state
 from nnunet_fed.federation.trainer import nnUNetTrainerFederated
+from nnunet_fed.federation.update import tensor_aliases
 
 ROUND_STATE_DIR = "federated_rounds"
 
@@ -54,13 +54,15 @@ class SimulationConfig:
     final_validation: bool = True
     fresh: bool = False
     progress: bool = True
+    trainer_options: dict = field(default_factory=dict)  # -o name=value (see the trainer's federated_options)
     site_names: list = field(default_factory=list)  # filled in by the checks
 
     def resume_key(self) -> dict:
         """What must not change between an interrupted run and its resumption."""
         return {"sites": list(self.site_names), "configuration": self.configuration, "trainer": self.trainer,
                 "local_steps": self.local_steps, "rounds": self.rounds, "fold": str(self.fold),
-                "plans": self.plans_identifier, "fedprox_mu": self.fedprox_mu}
+                "plans": self.plans_identifier, "fedprox_mu": self.fedprox_mu,
+                "trainer_options": {k: self.trainer_options[k] for k in sorted(self.trainer_options)}}
 
 
 def default_federation_name(dataset_ids: Sequence[str | int]) -> str:
@@ -121,7 +123,7 @@ def _make_trainer(cfg: SimulationConfig, site_name: str, trainer_cls, device: to
         trainer = trainer_cls(plans=plans, configuration=cfg.configuration, fold=cfg.fold,
                               dataset_json=load_json(os.path.join(base, "dataset.json")), device=device)
     trainer.console_output = not cfg.progress
-    trainer.configure_federation(cfg.rounds, cfg.local_steps, cfg.val_steps, cfg.fedprox_mu)
+    trainer.configure_federation(cfg.rounds, cfg.local_steps, cfg.val_steps, cfg.fedprox_mu, cfg.trainer_options)
     return trainer
 
 
@@ -129,6 +131,7 @@ def prepare(cfg: SimulationConfig):
     """All checks that can fail before anything is written: environment, IDs, datasets, plans, trainer."""
     site_checks.require_nnunet_paths()
     trainer_cls = site_checks.find_trainer(cfg.trainer)
+    trainer_cls.resolve_options(cfg.trainer_options)  # unknown or malformed options fail here
     names = [site_checks.dataset_name(d) for d in cfg.dataset_ids]
     site_checks.check_sites_compatible(names, source="preprocessed")
     for n in names:
@@ -155,7 +158,7 @@ def _shared_shapes(site_name: str, plans_identifier: str, configuration: str, tr
     net = trainer_cls.build_network_architecture(pm, cm, determine_num_input_channels(pm, cm, dataset_json),
                                                  pm.get_label_manager(dataset_json).num_segmentation_heads, True)
     state = net.state_dict()
-    return {k: tuple(state[k].shape) for k in trainer_cls.sharing_policy.shared_names(state.keys())}
+    return {k: tuple(state[k].shape) for k in trainer_cls.sharing_policy.classify(net)[0]}
 
 
 def check_same_network(cfg: SimulationConfig, trainer_cls) -> None:
@@ -189,8 +192,11 @@ def write_global_model(cfg: SimulationConfig, site0: nnUNetTrainerFederated, glo
     save_json(plans, os.path.join(base, "plans.json"), sort_keys=False)
     save_json(site0.dataset_json, os.path.join(base, "dataset.json"), sort_keys=False)
     weights = {k: v.detach().cpu().clone() for k, v in site0.plain_network.state_dict().items()}
-    for k, v in global_arrays.items():
-        weights[k] = torch.from_numpy(np.array(v))
+    for name, names in tensor_aliases(site0.plain_network).items():
+        if name in global_arrays:  # every name of a shared tensor gets the global value
+            value = torch.from_numpy(np.array(global_arrays[name]))
+            for alias in names:
+                weights[alias] = value
     checkpoint = {
         "network_weights": weights,
         "init_args": site0.my_init_kwargs,
@@ -243,7 +249,7 @@ def simulate(cfg: SimulationConfig) -> dict:
     global_arrays = state["global_arrays"] if state else sites[0].trainer.get_shared_arrays()
     metrics = MetricsLog(fold_dir)
     metrics.truncate(start_round)
-    strategy = make_strategy(sites[0].trainer.server_strategy)
+    strategy = trainer_cls.make_server_strategy(sites[0].trainer.options)
 
     bar = None
     if cfg.progress and start_round < cfg.rounds:
@@ -289,7 +295,7 @@ def simulate(cfg: SimulationConfig) -> dict:
         t = site.trainer
         t.network.to(t.device)
         t.load_checkpoint(site.state_file(cfg.rounds - 1))
-        t.set_shared_arrays(global_arrays)
+        t.finish_federation(global_arrays)
         t.on_train_end()  # checkpoint_final.pth in nnU-Net's layout
         if cfg.final_validation:
             t.console_output = True

@@ -46,6 +46,24 @@ def _env_number(name: str, default, cast=int):
         raise ValueError(f"environment variable {name}={value!r} is not a valid {cast.__name__}") from None
 
 
+def _cast_option(trainer: str, name: str, value, default):
+    if isinstance(value, str) and not isinstance(default, str):
+        text = value.strip().lower()
+        try:
+            if isinstance(default, bool):
+                if text not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError
+                return text in ("1", "true", "yes")
+            if isinstance(default, int):
+                return int(text)
+            if isinstance(default, float) or default is None:
+                return float(text) if text not in ("", "none") else None
+        except ValueError:
+            raise ValueError(f"{trainer}: option {name}={value!r} is not a valid "
+                             f"{type(default).__name__ if default is not None else 'number'}") from None
+    return value
+
+
 def capture_rng_state(device: torch.device) -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if device.type == "cuda" and torch.cuda.is_available():
@@ -68,6 +86,43 @@ class nnUNetTrainerFederated(nnUNetTrainer):
     sharing_policy = SharingPolicy()
     #: aggregation rule the server uses for this trainer (see nnunet_fed.federation.aggregation)
     server_strategy = "fedavg"
+    #: trainer options and their defaults (merged along the class hierarchy). Under plain nnUNetv2_train an
+    #: option is read from the environment variable ``nnUNet_fed_<name>``; ``nnunet_fed simulate`` sets them
+    #: with ``-o name=value``.
+    federated_options: dict = {}
+
+    @classmethod
+    def option_defaults(cls) -> dict:
+        merged = {}
+        for klass in reversed(cls.__mro__):
+            merged.update(getattr(klass, "federated_options", {}) or {})
+        return merged
+
+    @classmethod
+    def resolve_options(cls, options: Mapping | None = None, environ: Mapping | None = None) -> dict:
+        """Defaults, overridden by ``nnUNet_fed_<name>`` variables, overridden by ``options``."""
+        defaults = cls.option_defaults()
+        environ = os.environ if environ is None else environ
+        unknown = sorted(set(options or {}) - set(defaults))
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no option {', '.join(unknown)}; its options are "
+                             f"{sorted(defaults) or 'none'}")
+        resolved = {}
+        for name, default in defaults.items():
+            value = default
+            if environ.get(f"nnUNet_fed_{name}", "") != "":
+                value = environ[f"nnUNet_fed_{name}"]
+            if options and name in options:
+                value = options[name]
+            resolved[name] = _cast_option(cls.__name__, name, value, default)
+        return resolved
+
+    @classmethod
+    def make_server_strategy(cls, options: Mapping | None = None):
+        """The server-side aggregation for this trainer (simulation and Flower ServerApp alike)."""
+        from nnunet_fed.federation.aggregation import make_strategy
+
+        return make_strategy(cls.server_strategy)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -76,6 +131,7 @@ class nnUNetTrainerFederated(nnUNetTrainer):
         self.num_iterations_per_epoch = _env_number(ENV_LOCAL_STEPS, self.num_iterations_per_epoch)
         self.num_val_iterations_per_epoch = _env_number(ENV_VAL_STEPS, self.num_val_iterations_per_epoch)
         self.fedprox_mu = _env_number(ENV_FEDPROX_MU, 0.0, float)
+        self.options = self.resolve_options()
         self.federated_round_reference: dict[str, torch.Tensor] | None = None  # global weights of this round
         self.num_training_cases: int | None = None
         self.console_output = True
@@ -94,8 +150,12 @@ class nnUNetTrainerFederated(nnUNetTrainer):
         return self.num_iterations_per_epoch
 
     def configure_federation(self, rounds: int, local_steps: int, val_steps: int | None = None,
-                             fedprox_mu: float | None = None) -> None:
-        """Set the schedule before ``initialize()``: ``rounds`` rounds of ``local_steps`` iterations."""
+                             fedprox_mu: float | None = None, options: Mapping | None = None) -> None:
+        """Set the schedule before ``initialize()``: ``rounds`` rounds of ``local_steps`` iterations.
+
+        ``options`` overrides trainer options (see ``federated_options``)."""
+        if options:
+            self.options = self.resolve_options(options)
         if rounds < 1 or local_steps < 1:
             raise ValueError(f"rounds and local_steps must be >= 1, got rounds={rounds}, local_steps={local_steps}")
         self.num_epochs = int(rounds)
@@ -132,10 +192,12 @@ class nnUNetTrainerFederated(nnUNetTrainer):
 
     # ------------------------------------------------------------------ parameters
     def shared_parameter_names(self) -> list[str]:
-        return self.sharing_policy.shared_names(self.plain_network.state_dict().keys())
+        """Names of the tensors the site sends (one name per tensor, see ``SharingPolicy.classify``)."""
+        return self.sharing_policy.classify(self.plain_network)[0]
 
     def local_parameter_names(self) -> list[str]:
-        return self.sharing_policy.local_names(self.plain_network.state_dict().keys())
+        """Names of the tensors that never leave the site."""
+        return self.sharing_policy.classify(self.plain_network)[1]
 
     def get_shared_arrays(self) -> dict[str, np.ndarray]:
         """The shared parameters as numpy arrays (copies: they may leave the site)."""
@@ -210,6 +272,10 @@ class nnUNetTrainerFederated(nnUNetTrainer):
         self.on_round_start(global_arrays)
         self.train_round()
         return self.on_round_end()
+
+    def finish_federation(self, global_arrays: Mapping[str, np.ndarray]) -> None:
+        """After the last round: take the final global parameters (personalizing trainers fine-tune here)."""
+        self.set_shared_arrays(global_arrays)
 
     def run_training(self):
         """Single-site run (plain ``nnUNetv2_train``): the same rounds with no server."""

@@ -48,5 +48,31 @@ class SharingPolicy:
         local = {k: v for k, v in state.items() if self.is_local(k)}
         return shared, local
 
+    def classify(self, network) -> tuple[list[str], list[str]]:
+        """(shared, local) names of a network's tensors, one name per tensor.
+
+        A network's ``state_dict`` can list one tensor under several names (nnU-Net's UNets expose the
+        encoder again as ``decoder.encoder`` and every conv block's layers again as ``all_modules``).
+        Each tensor is sent once, under its first name; a tensor whose names are classified
+        differently by the policy is an error, since sending it under one name would leak the other.
+        """
+        aliases = tensor_aliases(network)
+        shared, local = [], []
+        for name, names in aliases.items():
+            flags = {self.is_local(n) for n in names}
+            if len(flags) > 1:
+                raise ValueError(f"{self!r} classifies one tensor differently under its names "
+                                 f"{names}: make every name of it local (or none)")
+            (local if flags.pop() else shared).append(name)
+        return shared, local
+
     def __repr__(self) -> str:
         return f"SharingPolicy(local_patterns={list(self.local_patterns)})"
+
+
+def tensor_aliases(network) -> dict[str, list[str]]:
+    """For each parameter and persistent buffer of ``network``: its first state-dict name -> all its names."""
+    groups: dict[int, list[str]] = {}
+    for name, tensor in network.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), []).append(name)
+    return {names[0]: names for names in groups.values()}

@@ -1,0 +1,32 @@
+"""Trainer options: defaults merged along the class hierarchy, environment variables, -o NAME=VALUE."""
+import pytest
+
+from nnunet_fed.cli import parse_options
+from nnunet_fed.federation.trainer import nnUNetTrainerFederated
+
+
+class _Base(nnUNetTrainerFederated):
+    federated_options = {"clip": 1.0, "steps": 3, "adaptive": False, "mode": "gaussian"}
+
+
+class _Child(_Base):
+    federated_options = {"steps": 5, "tau": 0.75}
+
+
+def test_defaults_merge_along_the_hierarchy():
+    assert _Child.option_defaults() == {"clip": 1.0, "steps": 5, "adaptive": False, "mode": "gaussian", "tau": 0.75}
+
+
+def test_environment_then_explicit_values_are_cast():
+    env = {"nnUNet_fed_clip": "0.5", "nnUNet_fed_adaptive": "true", "nnUNet_fed_steps": ""}
+    opts = _Child.resolve_options(parse_options(["steps=7", "mode=laplace"]), environ=env)
+    assert opts == {"clip": 0.5, "steps": 7, "adaptive": True, "mode": "laplace", "tau": 0.75}
+
+
+def test_unknown_and_malformed_options_are_named():
+    with pytest.raises(ValueError, match=r"_Child has no option sigma"):
+        _Child.resolve_options({"sigma": "1"}, environ={})
+    with pytest.raises(ValueError, match=r"steps='many'"):
+        _Child.resolve_options({"steps": "many"}, environ={})
+    with pytest.raises(ValueError, match="NAME=VALUE"):
+        parse_options(["steps"])
