@@ -309,6 +309,7 @@ class nnUNetTrainerFederated(nnUNetTrainer):
             "trainer_name": self.__class__.__name__,
             "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
             "rng_state": capture_rng_state(self.device),
+            **self.extra_checkpoint_state(),
         }
         tmp = filename + ".tmp"
         torch.save(checkpoint, tmp)
@@ -335,6 +336,15 @@ class nnUNetTrainerFederated(nnUNetTrainer):
             self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
         if "rng_state" in checkpoint:
             restore_rng_state(checkpoint["rng_state"], self.device)
+        self.load_extra_checkpoint_state(checkpoint)
+
+    def extra_checkpoint_state(self) -> dict:
+        """Subclasses add what must survive between rounds and across a resume (e.g. a privacy accountant).
+        Keys are merged into the checkpoint dict; use a unique prefix. Plain Python/tensor values only."""
+        return {}
+
+    def load_extra_checkpoint_state(self, checkpoint: dict) -> None:
+        """Counterpart of ``extra_checkpoint_state``: restore from a checkpoint dict (keys may be absent)."""
 
     def save_round_state(self, filename: str) -> None:
         """Everything the site needs to continue after round ``current_epoch - 1`` (called after the round)."""
