@@ -250,6 +250,8 @@ def simulate(cfg: SimulationConfig) -> dict:
     metrics = MetricsLog(fold_dir)
     metrics.truncate(start_round)
     strategy = trainer_cls.make_server_strategy(sites[0].trainer.options)
+    if hasattr(strategy, "start"):  # stateful server rules (client-level DP): federation size, schedule, past rounds
+        strategy.start(num_sites=len(sites), rounds=cfg.rounds, history=metrics.read())
 
     bar = None
     if cfg.progress and start_round < cfg.rounds:
@@ -274,7 +276,7 @@ def simulate(cfg: SimulationConfig) -> dict:
             record = {"round": r, "sites": {u.site: {**u.metrics, "num_examples": u.num_examples}
                                             for u in strategy.accepted},
                       "rejected": [{"site": s, "reason": why} for s, why in strategy.rejected],
-                      "seconds": time.time() - t0}
+                      "seconds": time.time() - t0, **(strategy.round_record() if hasattr(strategy, "round_record") else {})}
             metrics.append(record)
             save_server_state(fold_dir, r + 1, global_arrays, cfg.resume_key())
             for site in sites:

@@ -1,0 +1,282 @@
+"""Client-level differential privacy: DP-FedAvg on site updates with adaptive clipping.
+
+The unit of privacy here is a whole site: adding or removing one site changes the released global model
+by a bounded amount. Each round (McMahan et al. 2018, "Learning differentially private recurrent language
+models"; Andrew et al. 2021, "Differentially private learning with adaptive clipping")::
+
+    delta_i   = update_i - global                     (shared parameters of site i)
+    clipped_i = delta_i * min(1, C / ||delta_i||_2)   (Flower's clip_inputs_inplace)
+    global'   = global + (sum_i clipped_i + N(0, (z_delta C)^2 I)) / n
+
+with ``n`` the *expected* number of participating sites (a fixed denominator, so that one site more or
+less changes the sum by at most C). Sites are weighted equally: weighting by number of cases would make
+the sensitivity depend on private counts.
+
+Adaptive clipping (``adaptive=True``): each site contributes the bit b_i = [||delta_i|| <= C]; the server
+releases the noisy count sum_i (b_i - 1/2) + N(0, sigma_b^2) (sensitivity 1/2) and moves C geometrically
+toward the target quantile gamma of update norms: C <- C * exp(-eta (b_bar - gamma)). By Andrew et al.,
+Theorem 1, releasing both the update sum with noise multiplier z_delta and the count with sigma_b is
+exactly as private as one Gaussian mechanism with multiplier z, where z^-2 = z_delta^-2 + (2 sigma_b)^-2.
+The accountant therefore composes ``rounds`` Poisson-subsampled Gaussian mechanisms with multiplier ``z``
+and sampling rate ``q`` (the fraction of sites taking part in a round: 1.0 when every site trains every
+round) with Opacus's RDP accountant.
+
+The wrapper knows nothing of transport and wraps any averaging strategy of
+:mod:`nnunet_fed.federation.aggregation` (updates arrive one at a time; memory holds one running sum).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from nnunet_fed.federation.aggregation import FedAvg, UpdateRejected, check_update
+from nnunet_fed.federation.trainer import nnUNetTrainerFederated
+from nnunet_fed.federation.update import Update
+
+log = logging.getLogger(__name__)
+
+RECORD_KEY = "client_dp"
+
+
+def client_level_epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float) -> float:
+    """(epsilon, delta) of ``rounds`` subsampled Gaussian mechanisms (Opacus RDP accountant)."""
+    from opacus.accountants import RDPAccountant
+
+    if rounds <= 0:
+        return 0.0
+    acc = RDPAccountant()
+    acc.history = [(float(noise_multiplier), float(sample_rate), int(rounds))]
+    return float(acc.get_epsilon(delta=delta))
+
+
+def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, rounds: int) -> float:
+    """The smallest noise multiplier (to 1 % in epsilon) that keeps ``rounds`` rounds within the target."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                                      steps=rounds, accountant="rdp", epsilon_tolerance=0.005))
+
+
+class ClientLevelDP:
+    """DP-FedAvg wrapper around an averaging strategy (``aggregate(global_arrays, updates)``).
+
+    Give either ``noise_multiplier`` (z, the multiplier of the whole mechanism, count included) or
+    ``target_epsilon`` (z is then calibrated in :meth:`start`, when the number of rounds is known).
+    """
+
+    name = "client_dp"
+
+    def __init__(self, strategy, *, noise_multiplier: float | None = None, target_epsilon: float | None = None,
+                 target_delta: float = 1e-5, clip: float = 1.0, adaptive: bool = True, target_quantile: float = 0.5,
+                 clip_lr: float = 0.2, count_stddev: float | None = None, sample_rate: float = 1.0,
+                 rng: np.random.Generator | None = None):
+        if not isinstance(strategy, FedAvg):
+            raise ValueError(f"client-level DP needs an averaging strategy (its noise is calibrated to the sum of "
+                             f"clipped updates); got {type(strategy).__name__}")
+        if (noise_multiplier is None) == (target_epsilon is None):
+            raise ValueError("client-level DP: set exactly one of client_noise_multiplier and client_target_epsilon "
+                             f"(got noise multiplier {noise_multiplier}, target epsilon {target_epsilon})")
+        if noise_multiplier is not None and not noise_multiplier > 0:
+            raise ValueError(f"client_noise_multiplier must be > 0, got {noise_multiplier}")
+        if target_epsilon is not None and not target_epsilon > 0:
+            raise ValueError(f"client_target_epsilon must be > 0, got {target_epsilon}")
+        if not 0 < target_delta < 1:
+            raise ValueError(f"client_target_delta must lie in (0, 1), got {target_delta}")
+        if not clip > 0:
+            raise ValueError(f"client_clip (initial clipping norm) must be > 0, got {clip}")
+        if not 0 <= target_quantile <= 1:
+            raise ValueError(f"client_target_quantile must lie in [0, 1], got {target_quantile}")
+        if not clip_lr > 0:
+            raise ValueError(f"client_clip_lr must be > 0, got {clip_lr}")
+        if count_stddev is not None and not count_stddev > 0:
+            raise ValueError(f"client_count_stddev must be > 0, got {count_stddev}")
+        if not 0 < sample_rate <= 1:
+            raise ValueError(f"sample rate of sites must lie in (0, 1], got {sample_rate}")
+        self.strategy = strategy
+        self.requested_noise_multiplier = noise_multiplier
+        self.target_epsilon = target_epsilon
+        self.delta = float(target_delta)
+        self.clip = float(clip)
+        self.adaptive = bool(adaptive)
+        self.target_quantile = float(target_quantile)
+        self.clip_lr = float(clip_lr)
+        self.requested_count_stddev = count_stddev
+        self.sample_rate = float(sample_rate)
+        # noise must be unpredictable to whoever sees the model: OS entropy unless a generator is given
+        self.rng = rng if rng is not None else np.random.default_rng()
+        self.num_sites: int | None = None
+        self.rounds: int | None = None
+        self.rounds_done = 0
+        self._last: dict | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def start(self, num_sites: int, rounds: int, history: Iterable[Mapping] = ()) -> None:
+        """Called by the driver before the first round: federation size (the fixed denominator is
+        ``sample_rate * num_sites``), schedule (for calibration) and the records of rounds already completed
+        (a resumed run continues with their clipping norm and privacy spent)."""
+        if num_sites < 1 or rounds < 1:
+            raise ValueError(f"client-level DP needs num_sites >= 1 and rounds >= 1, got {num_sites}, {rounds}")
+        self.num_sites, self.rounds = int(num_sites), int(rounds)
+        self.expected_sites = self.sample_rate * self.num_sites
+        if self.target_epsilon is not None:
+            self.noise_multiplier = calibrate_noise_multiplier(self.target_epsilon, self.delta, self.sample_rate,
+                                                               self.rounds)
+        else:
+            self.noise_multiplier = float(self.requested_noise_multiplier)
+        z = self.noise_multiplier
+        if self.adaptive:
+            # Andrew et al. recommend sigma_b = expected sites / 20; with few sites that leaves no budget for the
+            # update, so the count gets at least sigma_b = sqrt(5) z (5 % of the privacy loss).
+            sigma_b = self.requested_count_stddev
+            if sigma_b is None:
+                sigma_b = max(self.expected_sites / 20.0, math.sqrt(5.0) * z)
+            from flwr.supercore.differential_privacy import compute_adaptive_noise_params
+
+            try:
+                self.count_stddev, self.update_noise_multiplier = compute_adaptive_noise_params(
+                    z, self.expected_sites, sigma_b)
+            except ValueError:
+                raise ValueError(f"client_count_stddev={sigma_b} is too small for the noise multiplier {z:.4g}: "
+                                 f"it must exceed {z / 2:.4g} (the count's noise is part of the same budget)") from None
+        else:
+            self.count_stddev, self.update_noise_multiplier = 0.0, z
+        rows = [r[RECORD_KEY] for r in history if RECORD_KEY in r]
+        self.rounds_done = len(rows)
+        if rows:
+            self.clip = float(rows[-1]["next_clip"])
+        eps = client_level_epsilon(z, self.sample_rate, self.rounds, self.delta)
+        log.info("client-level DP: noise multiplier %.4g (update %.4g, count std %.4g), %d rounds, q=%.3g: "
+                 "epsilon %.4g at delta %g", z, self.update_noise_multiplier, self.count_stddev, self.rounds,
+                 self.sample_rate, eps, self.delta)
+
+    @property
+    def planned_epsilon(self) -> float:
+        return client_level_epsilon(self.noise_multiplier, self.sample_rate, self.rounds, self.delta)
+
+    @property
+    def epsilon(self) -> float:
+        """Privacy spent so far (all completed rounds)."""
+        return client_level_epsilon(self.noise_multiplier, self.sample_rate, self.rounds_done, self.delta)
+
+    # the driver reads these after aggregate()
+    @property
+    def accepted(self):
+        return self.strategy.accepted
+
+    @property
+    def rejected(self):
+        return self.strategy.rejected
+
+    # ------------------------------------------------------------------ one round
+    def aggregate(self, global_arrays: Mapping[str, np.ndarray], updates: Iterable[Update]) -> dict[str, np.ndarray]:
+        from flwr.supercore.differential_privacy import clip_inputs_inplace, get_norm
+
+        if self.num_sites is None:
+            raise RuntimeError("ClientLevelDP.start(num_sites, rounds) must be called before the first round")
+        clip = self.clip
+        floats = [k for k, v in global_arrays.items() if np.issubdtype(v.dtype, np.floating)]
+        bits: dict[str, float] = {}
+
+        def clipped_updates():
+            for update in updates:
+                try:
+                    check_update(update, global_arrays)
+                except UpdateRejected:
+                    yield update  # the inner strategy rejects and records it
+                    continue
+                deltas = [update.arrays[k].astype(np.float64) - global_arrays[k] for k in floats]
+                norm = get_norm(deltas)
+                bits[update.site] = 1.0 if norm <= clip else 0.0
+                if norm > clip:  # (Flower's helper divides by the norm: an all-zero update would fail)
+                    clip_inputs_inplace(deltas, clip)
+                arrays = {k: np.array(v, copy=True) for k, v in global_arrays.items()}  # non-float buffers: global
+                for k, d in zip(floats, deltas):
+                    arrays[k] = global_arrays[k] + d.astype(global_arrays[k].dtype)
+                # equal weights: the sum of clipped deltas, not a case-weighted mean (case counts are private)
+                yield Update(update.site, arrays, 1, dict(update.metrics))
+
+        mean = self.strategy.aggregate(global_arrays, clipped_updates())
+        k = len(self.strategy.accepted)
+        sigma = self.update_noise_multiplier * clip
+        out = {k_: np.array(v, copy=True) for k_, v in global_arrays.items()}
+        for name in floats:
+            g = global_arrays[name].astype(np.float64)
+            total = k * (mean[name].astype(np.float64) - g)  # sum of the clipped deltas
+            noisy = total + self.rng.normal(0.0, sigma, size=g.shape)
+            out[name] = (g + noisy / self.expected_sites).astype(global_arrays[name].dtype)
+
+        next_clip, unclipped = clip, None
+        if self.adaptive:
+            centred = sum(bits[u.site] - 0.5 for u in self.strategy.accepted if u.site in bits)
+            unclipped = (centred + self.rng.normal(0.0, self.count_stddev)) / self.expected_sites + 0.5
+            next_clip = clip * math.exp(-self.clip_lr * (unclipped - self.target_quantile))
+        self.clip = next_clip
+        self.rounds_done += 1
+        self._last = {
+            "epsilon": self.epsilon, "delta": self.delta, "rounds_accounted": self.rounds_done,
+            "noise_multiplier": self.noise_multiplier, "update_noise_multiplier": self.update_noise_multiplier,
+            "count_stddev": self.count_stddev, "sample_rate": self.sample_rate, "expected_sites": self.expected_sites,
+            "clip": clip, "next_clip": next_clip, "noisy_unclipped_fraction": unclipped, "noise_std": sigma,
+            "accountant": "opacus rdp",
+        }
+        return out
+
+    def round_record(self) -> dict:
+        """What the round's metrics line records (all of it already released or public)."""
+        return {RECORD_KEY: dict(self._last)} if self._last else {}
+
+
+# ---------------------------------------------------------------------- trainer side
+CLIENT_DP_OPTIONS = {
+    "client_noise_multiplier": None,  # z of the whole mechanism (update sum + clipped count)
+    "client_target_epsilon": None,  # or: calibrate z to this epsilon over all rounds
+    "client_target_delta": 1e-5,
+    "client_clip": 1.0,  # (initial) clipping norm of a site's update (L2, over all shared parameters)
+    "client_adaptive": True,  # adapt the clipping norm to a quantile of update norms
+    "client_target_quantile": 0.5,  # fraction of site updates left unclipped
+    "client_clip_lr": 0.2,  # geometric step of the clipping norm per round
+    "client_count_stddev": None,  # noise std of the unclipped count (default max(n/20, sqrt(5) z))
+}
+
+
+def wrap_client_dp(strategy, options: Mapping) -> ClientLevelDP:
+    """``strategy`` wrapped with client-level DP configured from trainer options (see CLIENT_DP_OPTIONS)."""
+    return ClientLevelDP(strategy, noise_multiplier=options.get("client_noise_multiplier"),
+                         target_epsilon=options.get("client_target_epsilon"),
+                         target_delta=float(options.get("client_target_delta", 1e-5)),
+                         clip=float(options.get("client_clip", 1.0)),
+                         adaptive=bool(options.get("client_adaptive", True)),
+                         target_quantile=float(options.get("client_target_quantile", 0.5)),
+                         clip_lr=float(options.get("client_clip_lr", 0.2)),
+                         count_stddev=options.get("client_count_stddev"))
+
+
+class ClientLevelDPMixin:
+    """Put in front of any federated trainer to add client-level DP on the server:
+    ``class MyTrainer(ClientLevelDPMixin, nnUNetTrainerFedAvg)``. Sites train as the wrapped trainer does;
+    only the server's aggregation changes (a single-site run under plain nnUNetv2_train is not affected)."""
+
+    federated_options = CLIENT_DP_OPTIONS
+
+    @classmethod
+    def resolve_options(cls, options: Mapping | None = None, environ: Mapping | None = None) -> dict:
+        """Also checks the client-DP values (so that ``nnunet_fed simulate`` refuses them before writing anything).
+        Whether a noise multiplier or a target epsilon is given is checked when the server strategy is made."""
+        resolved = super().resolve_options(options, environ)
+        check = dict(resolved)
+        if check.get("client_noise_multiplier") is None and check.get("client_target_epsilon") is None:
+            check["client_noise_multiplier"] = 1.0
+        wrap_client_dp(FedAvg(), check)
+        return resolved
+
+    @classmethod
+    def make_server_strategy(cls, options: Mapping | None = None):
+        options = cls.resolve_options(options)
+        return wrap_client_dp(super().make_server_strategy(options), options)
+
+
+class nnUNetTrainerClientDPBase(ClientLevelDPMixin, nnUNetTrainerFederated):
+    """FedAvg with client-level DP (all parameters shared)."""
