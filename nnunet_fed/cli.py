@@ -130,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_planning_commands(sub)
 
+    from nnunet_fed.deployment.cli import add_deployment_commands
+
+    add_deployment_commands(sub)
+
     p = sub.add_parser("trainer-path", help="print the folder to put in nnUNet_extTrainer")
     p.set_defaults(func=cmd_trainer_path)
     return parser

@@ -1,0 +1,210 @@
+"""``nnunet_fed server`` and ``nnunet_fed site join``: a federation on Flower across machines.
+
+The main command (``nnunet_fed/cli.py``) calls :func:`add_deployment_commands` on its sub-parsers, after the
+planning commands (``site join`` joins their ``site`` command).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import sys
+
+from nnunet_fed import sites as site_checks
+
+
+def _tls_args(p: argparse.ArgumentParser, side: str) -> None:
+    p.add_argument("--insecure", action="store_true",
+                   help="no TLS: traffic is not encrypted; only for a test on one machine")
+    if side == "server":
+        p.add_argument("--ssl-certfile", help="SuperLink TLS certificate (PEM)")
+        p.add_argument("--ssl-keyfile", help="SuperLink TLS private key (PEM)")
+        p.add_argument("--ssl-ca-certfile", help="CA certificate that signed the SuperLink certificate (PEM)")
+        p.add_argument("--auth-supernode-keys", nargs="+", default=None, metavar="PUBLIC_KEY",
+                       help="node authentication: only SuperNodes holding the private key of one of these public "
+                            "keys (OpenSSH format) may connect")
+    else:
+        p.add_argument("--root-certificates", help="CA certificate that signed the SuperLink certificate (PEM)")
+        p.add_argument("--auth-supernode-private-key", help="node authentication: this site's private key")
+
+
+def _on_signal_exit():
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _option_dict(items) -> dict:
+    from nnunet_fed.cli import parse_options
+
+    return parse_options(items)
+
+
+def cmd_server(args) -> int:
+    from nnunet_fed.deployment import launch
+    from nnunet_fed.deployment.runconfig import RunSettings
+    from nnunet_fed.federation.simulation import SimulationConfig, global_model_folder
+
+    site_checks.require_nnunet_paths(("nnUNet_results",))
+    trainer_cls = site_checks.find_trainer(args.trainer)
+    options = _option_dict(args.option)
+    trainer_cls.resolve_options(options)
+    run = RunSettings(trainer=args.trainer, configuration=args.configuration, plans=args.plans, fold=str(args.fold),
+                      rounds=args.rounds, local_steps=args.local_steps, val_steps=args.val_steps,
+                      fedprox_mu=args.fedprox_mu, trainer_options=options, seed=args.seed,
+                      federation_name=args.federation_name, min_sites=args.min_sites,
+                      round_timeout=args.round_timeout, wait_for_sites=args.wait_for_sites,
+                      round_retries=args.round_retries, final_validation=not args.no_val, fresh=args.fresh)
+    run = RunSettings.from_run_config(run.to_run_config())  # the same checks the ServerApp makes
+    tls = launch.TLS(insecure=args.insecure, certfile=args.ssl_certfile, keyfile=args.ssl_keyfile,
+                     ca_certfile=args.ssl_ca_certfile)
+    try:
+        tls.check("server")
+    except launch.LaunchError as e:
+        raise site_checks.FederationSetupError(str(e)) from None
+    for key in args.auth_supernode_keys or []:
+        if not os.path.isfile(key):
+            raise site_checks.FederationSetupError(f"public key {key} does not exist")
+
+    cfg = SimulationConfig(dataset_ids=[], configuration=run.configuration, trainer=run.trainer,
+                           plans_identifier=run.plans, federation_name=run.federation_name)
+    fold_dir = os.path.join(global_model_folder(cfg), f"fold_{run.fold}")
+    work = args.flower_dir or os.path.join(fold_dir, "flower")
+    if args.fresh and os.path.isdir(work):
+        shutil.rmtree(work)
+    flwr_home = os.path.join(work, "home")
+    port = args.port or launch.free_port(args.host if args.host not in ("0.0.0.0", "") else "127.0.0.1")
+    address = f"{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{port}"
+    launch.write_connection(flwr_home, address, tls)
+    run_config = launch.write_run_config(os.path.join(work, "run_config.toml"), run.to_run_config())
+
+    _on_signal_exit()
+    env = {**os.environ, "FLWR_HOME": flwr_home}
+    superlink = launch.FlowerProcess("SuperLink", launch.superlink_command(
+        args.host, port, tls, database=os.path.join(work, "superlink.db"),
+        supernode_auth=bool(args.auth_supernode_keys)), os.path.join(work, "superlink.log"), env=env)
+    try:
+        launch.wait_for_port(args.host, port, 120, superlink)
+        if args.auth_supernode_keys:
+            launch.register_supernode_keys(flwr_home, args.auth_supernode_keys)
+        print(f"SuperLink listening on {args.host}:{port} (log: {superlink.log_path}); sites join with:\n"
+              f"  nnunet_fed site join --superlink <this host>:{port} -d <dataset> -c {run.configuration} "
+              f"-tr {run.trainer}{' --insecure' if tls.insecure else ' --root-certificates <ca.pem>'}", flush=True)
+        run_id = launch.submit_run(flwr_home, run_config)
+        print(f"run {run_id}: {run.rounds} round(s), min-sites {run.min_sites}, federation {run.federation_name}",
+              flush=True)
+        launch.stream_logs(flwr_home, run_id)
+        status = launch.run_status(flwr_home, run_id)
+    except launch.LaunchError as e:
+        print(f"nnunet_fed server: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("nnunet_fed server: interrupted; run the same command again to resume after the last completed "
+              "round", file=sys.stderr)
+        return 130
+    finally:
+        superlink.stop()
+    ckpt = os.path.join(fold_dir, "checkpoint_final.pth")
+    if not status.endswith("completed"):
+        print(f"nnunet_fed server: the run ended with status {status!r}; see "
+              f"{os.path.join(fold_dir, 'federation_server.log')} and {superlink.log_path}", file=sys.stderr)
+        return 1
+    if not os.path.isfile(ckpt):  # personalised trainer: every site holds its own model
+        print(f"federation records: {fold_dir}; each site predicts with its own model (nnUNetv2_predict -d <site>)")
+        return 0
+    print(f"global model: {os.path.dirname(fold_dir)}")
+    print(f"predict with: nnUNetv2_predict -d {run.federation_name} -tr {run.trainer} -p {run.plans} "
+          f"-c {run.configuration} -f {run.fold} -i <images> -o <output>")
+    return 0
+
+
+def cmd_site_join(args) -> int:
+    from nnunet_fed.deployment import launch
+
+    site_checks.require_nnunet_paths()
+    name = site_checks.dataset_name(args.dataset)
+    site_checks.check_preprocessed(name, args.plans, args.configuration)
+    site_checks.find_trainer(args.trainer)  # also puts the nnunet_fed trainers on nnUNet_extTrainer
+    tls = launch.TLS(insecure=args.insecure, ca_certfile=args.root_certificates)
+    try:
+        tls.check("site")
+    except launch.LaunchError as e:
+        raise site_checks.FederationSetupError(str(e)) from None
+    if args.auth_supernode_private_key and not os.path.isfile(args.auth_supernode_private_key):
+        raise site_checks.FederationSetupError(f"private key {args.auth_supernode_private_key} does not exist")
+    node_config = {"dataset": name, "configuration": args.configuration, "trainer": args.trainer}
+    if args.device:
+        node_config["device"] = args.device
+    port = args.runtime_port or launch.free_port()
+    cmd = launch.supernode_command(args.superlink, port, node_config, tls, args.auth_supernode_private_key)
+    print(f"site {name}: joining {args.superlink} ({args.configuration}, {args.trainer})", flush=True)
+    _on_signal_exit()
+    node = launch.FlowerProcess(f"SuperNode {name}", cmd, args.log_file)
+    try:
+        return node.proc.wait()
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        node.stop()
+
+
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--min-sites", type=int, required=True,
+                   help="a round counts once this many sites sent a valid update")
+    p.add_argument("-c", "--configuration", required=True, help="nnU-Net configuration, e.g. 2d or 3d_fullres")
+    p.add_argument("-tr", "--trainer", default="nnUNetTrainerFedAvg", help="federated trainer class")
+    p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier the sites train with")
+    p.add_argument("-f", "--fold", default="0", help="nnU-Net fold (0-4 or 'all')")
+    p.add_argument("--local-steps", type=int, default=50, help="training iterations per site and round")
+    p.add_argument("--val-steps", type=int, default=10, help="pseudo-Dice validation batches per site and round")
+    p.add_argument("--fedprox-mu", type=float, default=0.0, help="FedProx proximal weight (0: plain FedAvg)")
+    p.add_argument("-o", "--option", action="append", default=[], metavar="NAME=VALUE",
+                   help="trainer option (repeatable), as for simulate")
+    p.add_argument("--seed", type=int, default=12345)
+    p.add_argument("--federation-name", default="DatasetFed_flower", help="results folder of the global model")
+    p.add_argument("--round-timeout", type=float, default=3600.0,
+                   help="seconds a round waits for updates; sites that have not answered by then are left out")
+    p.add_argument("--wait-for-sites", type=float, default=600.0,
+                   help="seconds to wait for --min-sites connected sites before a round")
+    p.add_argument("--round-retries", type=int, default=3,
+                   help="times a round with fewer than --min-sites valid updates is repeated")
+    p.add_argument("--no-val", action="store_true", help="skip nnU-Net's final validation at each site")
+    p.add_argument("--fresh", action="store_true", help="discard a previous run of this federation and start over")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address the SuperLink listens on (0.0.0.0: every interface, for sites on other machines)")
+    p.add_argument("--port", type=int, default=None, help="SuperLink port (default: a free one, printed)")
+    p.add_argument("--flower-dir", default=None,
+                   help="SuperLink state, logs and Flower home (default: <global model fold>/flower)")
+    _tls_args(p, "server")
+
+
+def _site_subparsers(subparsers):
+    site = subparsers.choices.get("site")
+    if site is None:
+        site = subparsers.add_parser("site", help="site-side commands (run at each site)")
+        return site.add_subparsers(dest="site_command", required=True)
+    return next(a for a in site._actions if isinstance(a, argparse._SubParsersAction))
+
+
+def add_deployment_commands(subparsers) -> None:
+    """Register ``server`` and ``site join`` on an argparse sub-parsers object."""
+    p = subparsers.add_parser("server", help="start a Flower SuperLink and run the federation (sites join it)")
+    add_server_args(p)
+    p.set_defaults(func=cmd_server)
+
+    p = _site_subparsers(subparsers).add_parser(
+        "join", help="start a Flower SuperNode that trains this site's dataset in a federation")
+    p.add_argument("--superlink", required=True, help="the server's address, HOST:PORT")
+    p.add_argument("-d", "--dataset", required=True, help="this site's dataset ID or name")
+    p.add_argument("-c", "--configuration", required=True, help="nnU-Net configuration (must match the server's)")
+    p.add_argument("-tr", "--trainer", default="nnUNetTrainerFedAvg", help="trainer (must match the server's)")
+    p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (checked before joining)")
+    p.add_argument("--device", default=None, choices=["cuda", "cpu", "mps"], help="default: cuda if available")
+    p.add_argument("--runtime-port", type=int, default=None,
+                   help="local port of the SuperNode's runtime API (default: a free one)")
+    p.add_argument("--log-file", default=None, help="write the SuperNode's output here instead of the terminal")
+    _tls_args(p, "site")
+    p.set_defaults(func=cmd_site_join)

@@ -1,0 +1,216 @@
+"""The Flower ClientApp: one site of a deployed federation, training with the site's nnU-Net trainer.
+
+A SuperNode starts a fresh ``flwr-clientapp`` process for every message and that process exits after its
+reply (Flower 1.41, in both SuperNode isolation modes). So the site's trainer is rebuilt for every round,
+exactly as ``nnunet_fed simulate`` resumes a site: nnU-Net's trainer, ``on_train_start()``, then the
+site's round state file (optimizer, learning-rate position, logger, RNG streams, and its own network
+weights, local parameters included). The cost of this is measured in every round's metrics
+(``process_seconds``: process start to message handling; ``setup_seconds``: trainer construction and state
+loading) next to the training time (``seconds``).
+
+Site settings come from the SuperNode's node config (``dataset``, ``configuration``, ``trainer``, ``device``),
+the federation's from the run config; a site refuses a run whose trainer or configuration differ from its own.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+import sys
+import time
+import zlib
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from nnunet_fed import sites as site_checks
+from nnunet_fed.deployment import messages as msgs
+from nnunet_fed.deployment.runconfig import RunSettings
+from nnunet_fed.federation.simulation import ROUND_STATE_DIR, SimulationConfig, _make_trainer
+from nnunet_fed.federation.update import Update
+
+FEDERATED_LOG = "training_log_federated.txt"
+# dataset.json entries the global model needs (no case counts, no file lists)
+DATASET_JSON_KEYS = ("channel_names", "labels", "file_ending", "regions_class_order",
+                     "overwrite_image_reader_writer", "name", "description")
+
+
+def _process_age() -> float:
+    """Seconds since this process started (flwr-clientapp start -> message handling)."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = float(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+class DeployedSite:
+    """One site's trainer for one message, rebuilt from the site's round state files."""
+
+    def __init__(self, node_config: dict, run: RunSettings):
+        self.run = run
+        dataset = str(node_config.get("dataset", "")).strip()
+        if not dataset:
+            raise site_checks.FederationSetupError("this SuperNode has no 'dataset' in its node config "
+                                                   "(start it with nnunet_fed site join -d <id>)")
+        for key, value in (("configuration", run.configuration), ("trainer", run.trainer)):
+            mine = str(node_config.get(key, value))
+            if mine != value:
+                raise site_checks.FederationSetupError(
+                    f"site {dataset}: the run asks for {key} {value!r}, this site joined with {mine!r}")
+        site_checks.require_nnunet_paths()
+        self.trainer_cls = site_checks.find_trainer(run.trainer)
+        self.trainer_cls.resolve_options(run.trainer_options)
+        self.name = site_checks.dataset_name(dataset)
+        site_checks.check_preprocessed(self.name, run.plans, run.configuration)
+        device = str(node_config.get("device", "") or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device)
+        self.cfg = SimulationConfig(dataset_ids=[self.name], configuration=run.configuration, trainer=run.trainer,
+                                    rounds=run.rounds, local_steps=run.local_steps, val_steps=run.val_steps,
+                                    fold=run.fold_value(), plans_identifier=run.plans, device=device,
+                                    fedprox_mu=run.fedprox_mu, seed=run.seed, progress=True,
+                                    trainer_options=dict(run.trainer_options), site_names=[self.name])
+        self.trainer = None
+
+    # ------------------------------------------------------------------ state files
+    def state_dir(self) -> str:
+        return os.path.join(self.trainer.output_folder, ROUND_STATE_DIR)
+
+    def state_file(self, round_index: int) -> str:
+        return os.path.join(self.state_dir(), f"round_{round_index:04d}.pth")
+
+    def latest_state_before(self, round_index: int) -> tuple[int, str] | None:
+        """The newest round state written before ``round_index`` (a later one is from an uncommitted attempt)."""
+        found = []
+        for f in glob.glob(os.path.join(self.state_dir(), "round_*.pth")):
+            try:
+                k = int(os.path.basename(f)[6:10])
+            except ValueError:
+                continue
+            if k < round_index:
+                found.append((k, f))
+        return max(found) if found else None
+
+    def prune_states(self, keep_from: int) -> None:
+        for f in glob.glob(os.path.join(self.state_dir(), "round_*.pth")):
+            if int(os.path.basename(f)[6:10]) < keep_from:
+                os.remove(f)
+
+    # ------------------------------------------------------------------ trainer
+    def build(self, round_index: int) -> float:
+        """Construct the trainer as nnUNetv2_train does and restore the site's state before ``round_index``.
+
+        Returns the seconds this took (the cost of not keeping the trainer alive between rounds)."""
+        t0 = time.time()
+        previous = None
+        self.trainer = None
+        seed = (self.run.seed + zlib.crc32(self.name.encode())) % 2 ** 31
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        if self.device.type == "cpu":
+            torch.set_num_threads(os.cpu_count() or 1)
+        t = _make_trainer(self.cfg, self.name, self.trainer_cls, self.device)
+        self._use_one_log_file(t)
+        self.trainer = t
+        t.on_train_start()  # network, optimizer, data loaders (nnU-Net's own)
+        previous = self.latest_state_before(round_index)
+        if previous is not None:
+            t.load_checkpoint(previous[1])  # weights (local ones included), optimizer, LR position, RNG, logger
+        if t.current_epoch < round_index:  # the site missed rounds: continue at the federation's round
+            self._skip_to(round_index)
+        return time.time() - t0
+
+    @staticmethod
+    def _use_one_log_file(t) -> None:
+        """nnU-Net names its log after the construction time; a site rebuilt every round keeps one log."""
+        old, new = t.log_file, os.path.join(t.output_folder, FEDERATED_LOG)
+        if os.path.isfile(old) and old != new:
+            with open(old) as src, open(new, "a") as dst:
+                dst.write(src.read())
+            os.remove(old)
+        t.log_file = new
+
+    def _skip_to(self, round_index: int) -> None:
+        t = self.trainer
+        missed = round_index - t.current_epoch
+        t.print_to_log_file(f"site missed {missed} round(s): continuing at round {round_index}")
+        logs = t.logger.local_logger.my_fantastic_logging if hasattr(t.logger, "local_logger") else \
+            t.logger.my_fantastic_logging
+        for key, values in logs.items():
+            if isinstance(values, list):
+                fill = values[-1] if values else (0.0 if key == "ema_fg_dice" else float("nan"))
+                values.extend([fill] * (round_index - len(values)))
+        t.current_epoch = round_index
+
+    # ------------------------------------------------------------------ messages
+    def train(self, round_index: int, global_arrays) -> Update:
+        process_seconds = _process_age()
+        setup_seconds = self.build(round_index)
+        t = self.trainer
+        try:
+            update = t.run_round(global_arrays)
+            os.makedirs(self.state_dir(), exist_ok=True)
+            t.save_round_state(self.state_file(round_index))
+            self.prune_states(keep_from=round_index - 1)  # a retried round needs the state before it
+        finally:
+            t.release_dataloaders()
+        update.metrics.update(setup_seconds=setup_seconds, process_seconds=process_seconds)
+        return update
+
+    def finish(self, global_arrays, final_validation: bool) -> dict:
+        self.build(self.run.rounds)
+        t = self.trainer
+        t.finish_federation(global_arrays)
+        t.on_train_end()  # checkpoint_final.pth in nnU-Net's layout
+        if final_validation:
+            t.perform_actual_validation(False)
+        return {"finished": 1}
+
+    def setup_info(self) -> RecordDict:
+        base = os.path.join(os.environ["nnUNet_preprocessed"], self.name)
+        with open(os.path.join(base, self.run.plans + ".json")) as f:
+            plans = json.load(f)
+        with open(os.path.join(base, "dataset.json")) as f:
+            dataset_json = {k: v for k, v in json.load(f).items() if k in DATASET_JSON_KEYS}
+        return RecordDict({msgs.SITE: ConfigRecord({"name": self.name}),
+                           msgs.CONFIG: msgs.json_config(plans=plans, dataset_json=dataset_json)})
+
+
+app = ClientApp()
+
+
+def _site(context: Context) -> DeployedSite:
+    return DeployedSite(dict(context.node_config), RunSettings.from_run_config(context.run_config))
+
+
+@app.query("setup")
+def setup(msg: Message, context: Context) -> Message:
+    return Message(_site(context).setup_info(), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    site = _site(context)
+    global_arrays, config = msgs.read_global(msg)
+    update = site.train(int(config["round"]), global_arrays)
+    print(f"site {site.name}: round {int(config['round']) + 1}/{site.run.rounds} sent "
+          f"({len(update.arrays)} shared arrays; setup {update.metrics['setup_seconds']:.1f} s, "
+          f"training {update.metrics['seconds']:.1f} s)", file=sys.stderr, flush=True)
+    return Message(msgs.update_to_content(update), reply_to=msg)
+
+
+@app.query("finish")
+def finish(msg: Message, context: Context) -> Message:
+    site = _site(context)
+    global_arrays, config = msgs.read_global(msg)
+    metrics = site.finish(global_arrays, bool(config.get("final-validation", True)))
+    print(f"site {site.name}: final model written", file=sys.stderr, flush=True)
+    return Message(RecordDict({msgs.SITE: ConfigRecord({"name": site.name}), msgs.METRICS: MetricRecord(metrics)}),
+                   reply_to=msg)

@@ -1,0 +1,78 @@
+"""The federation's settings as a Flower run config (``[tool.flwr.app.config]`` in app/pyproject.toml)."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+# run-config key -> RunSettings field; the defaults are those of app/pyproject.toml
+KEYS = {
+    "trainer": "trainer", "configuration": "configuration", "plans": "plans", "fold": "fold",
+    "rounds": "rounds", "local-steps": "local_steps", "val-steps": "val_steps", "fedprox-mu": "fedprox_mu",
+    "trainer-options": "trainer_options", "seed": "seed", "federation-name": "federation_name",
+    "min-sites": "min_sites", "round-timeout": "round_timeout",
+    "wait-for-sites": "wait_for_sites", "round-retries": "round_retries", "final-validation": "final_validation",
+    "fresh": "fresh",
+}
+
+
+@dataclass
+class RunSettings:
+    trainer: str = "nnUNetTrainerFedAvg"
+    configuration: str = "2d"
+    plans: str = "nnUNetPlans"
+    fold: str = "0"
+    rounds: int = 5
+    local_steps: int = 50
+    val_steps: int = 10
+    fedprox_mu: float = 0.0
+    trainer_options: dict = field(default_factory=dict)
+    seed: int = 12345
+    federation_name: str = "DatasetFed_flower"
+    min_sites: int = 2
+    round_timeout: float = 3600.0
+    wait_for_sites: float = 600.0
+    round_retries: int = 3
+    final_validation: bool = True
+    fresh: bool = False
+
+    @classmethod
+    def from_run_config(cls, run_config) -> "RunSettings":
+        unknown = sorted(set(run_config) - set(KEYS))
+        if unknown:
+            raise ValueError(f"unknown run config key(s) {unknown}; known: {sorted(KEYS)}")
+        values = {KEYS[k]: v for k, v in run_config.items()}
+        if isinstance(values.get("trainer_options"), str):
+            text = values["trainer_options"].strip()
+            try:
+                values["trainer_options"] = json.loads(text) if text else {}
+            except json.JSONDecodeError:
+                raise ValueError(f"run config trainer-options={text!r} is not a JSON object") from None
+        s = cls(**values)
+        s.fold = str(s.fold)
+        for name in ("rounds", "local_steps", "val_steps", "min_sites", "round_retries", "seed"):
+            setattr(s, name, int(getattr(s, name)))
+        if s.rounds < 1 or s.local_steps < 1 or s.val_steps < 1 or s.min_sites < 1:
+            raise ValueError(f"rounds, local-steps, val-steps and min-sites must be >= 1 ({s})")
+        if not str(s.federation_name).startswith("Dataset"):
+            raise ValueError(f"federation-name {s.federation_name!r} must start with 'Dataset' "
+                             f"(nnUNetv2_predict -d finds it so)")
+        return s
+
+    def to_run_config(self) -> dict:
+        out = {}
+        for key, attr in KEYS.items():
+            value = getattr(self, attr)
+            out[key] = json.dumps(value, sort_keys=True) if attr == "trainer_options" else value
+        return out
+
+    def fold_value(self):
+        return self.fold if self.fold == "all" else int(self.fold)
+
+    def resume_key(self) -> dict:
+        """What must not change between an interrupted run and its resumption."""
+        return {"configuration": self.configuration, "trainer": self.trainer, "local_steps": self.local_steps,
+                "rounds": self.rounds, "fold": str(self.fold), "plans": self.plans, "fedprox_mu": self.fedprox_mu,
+                "trainer_options": {k: self.trainer_options[k] for k in sorted(self.trainer_options)}}
+
+    def as_dict(self) -> dict:
+        return asdict(self)

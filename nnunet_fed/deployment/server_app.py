@@ -1,0 +1,265 @@
+"""The Flower ServerApp: rounds, aggregation, resume and the global model, as in ``nnunet_fed simulate``.
+
+Per round the server sends the global (shared) parameters to every connected site, folds the replies into the
+trainer's server strategy as they arrive (``make_server_strategy``: validation with a named reason, then
+example-weighted FedAvg) and commits the round (metrics line + server state file) once at least ``min-sites``
+valid updates came in before ``round-timeout``. A round with fewer is repeated (``round-retries``). A site
+is identified by its dataset name: a SuperNode that rejoins replaces its earlier node. After the last round
+the sites receive the final global parameters (``query.finish``: their own checkpoint_final.pth and
+validation) and the server writes the global model in nnU-Net's results layout, like simulate.
+
+Restarting the server with the same federation resumes after the last committed round, with the
+committed global weights (``federation_state.pth``, tensors only).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import time
+
+import torch
+from flwr.app import Context, Message
+from flwr.serverapp import Grid, ServerApp
+
+from nnunet_fed import sites as site_checks
+from nnunet_fed.deployment import messages as msgs
+from nnunet_fed.deployment.runconfig import RunSettings
+from nnunet_fed.federation.aggregation import NoValidUpdates
+from nnunet_fed.federation.records import MetricsLog, load_server_state, save_server_state
+from nnunet_fed.federation.simulation import SimulationConfig, global_model_folder, write_global_model
+
+SERVER_LOG = "federation_server.log"
+SETUP_TIMEOUT = 300.0
+
+
+class FederationServer:
+    def __init__(self, grid: Grid, run: RunSettings, poll_seconds: float = 0.5):
+        self.grid, self.run, self.poll = grid, run, poll_seconds
+        site_checks.require_nnunet_paths(("nnUNet_results",))
+        self.trainer_cls = site_checks.find_trainer(run.trainer)
+        self.options = self.trainer_cls.resolve_options(run.trainer_options)
+        self.cfg = SimulationConfig(dataset_ids=[], configuration=run.configuration, trainer=run.trainer,
+                                    rounds=run.rounds, local_steps=run.local_steps, val_steps=run.val_steps,
+                                    fold=run.fold_value(), plans_identifier=run.plans, device="cpu",
+                                    fedprox_mu=run.fedprox_mu, federation_name=run.federation_name, seed=run.seed,
+                                    trainer_options=dict(run.trainer_options))
+        self.fold_dir = os.path.join(global_model_folder(self.cfg), f"fold_{run.fold}")
+        if run.fresh and os.path.isdir(self.fold_dir):
+            shutil.rmtree(self.fold_dir)
+        os.makedirs(self.fold_dir, exist_ok=True)
+        self.node_sites: dict[int, str] = {}  # node id -> site (dataset name), in the order they answered setup
+        self.refused: dict[int, str] = {}  # node id -> why it cannot take part
+        self.template = None  # a trainer of the global model (plans, network), never trained
+        self.global_arrays = None
+        self.strategy = self.trainer_cls.make_server_strategy(self.options)
+
+    def log(self, text: str) -> None:
+        line = f"[nnunet_fed server] {text}"
+        print(line, flush=True)
+        with open(os.path.join(self.fold_dir, SERVER_LOG), "a") as f:
+            f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + line + "\n")
+
+    # ------------------------------------------------------------------ messaging
+    def _exchange(self, content_by_node: dict, message_type: str, group: str, timeout: float):
+        """Push one message per node; yield (node, reply) as replies arrive, then (node, None) for the silent."""
+        nodes = list(content_by_node)
+        messages = [Message(content_by_node[n], dst_node_id=n, message_type=message_type, group_id=group,
+                            ttl=max(timeout, 60.0)) for n in nodes]
+        ids = list(self.grid.push_messages(messages))
+        pending = {mid: n for mid, n in zip(ids, nodes) if mid}
+        for n in [n for mid, n in zip(ids, nodes) if not mid]:
+            yield n, None
+        deadline = time.time() + timeout
+        while pending and time.time() < deadline:
+            for reply in self.grid.pull_messages(list(pending)):
+                node = pending.pop(reply.metadata.reply_to_message_id, None)
+                if node is not None:
+                    yield node, reply
+            if pending:
+                time.sleep(self.poll)
+        for node in pending.values():
+            yield node, None
+
+    def site_of(self, node: int) -> str:
+        return self.node_sites.get(node, f"node {node}")
+
+    def setup_nodes(self, nodes: list[int]) -> None:
+        """Ask new SuperNodes which site they are (and, for the first, the plans of the global model)."""
+        content = {n: msgs.global_content(None, {"round": -1}) for n in nodes}
+        for node, reply in self._exchange(content, msgs.SETUP, "setup", SETUP_TIMEOUT):
+            if reply is None:
+                self.log(f"node {node} did not answer the setup query within {SETUP_TIMEOUT:.0f} s")
+                continue
+            if reply.has_error():
+                self.refused[node] = reply.error.reason
+                self.log(f"node {node} cannot take part: {reply.error.reason}")
+                continue
+            site = str(reply.content[msgs.SITE]["name"])
+            self.node_sites.pop(node, None)
+            self.node_sites[node] = site  # newest last: it replaces an earlier node of the same site
+            self.log(f"site {site} joined (node {node})")
+            if self.template is None:
+                import json
+
+                cfg = reply.content[msgs.CONFIG]
+                self.template = self.build_template(json.loads(cfg["plans"]), json.loads(cfg["dataset_json"]))
+
+    def active_nodes(self) -> list[int]:
+        """One node per site (the newest), among the SuperNodes connected now."""
+        connected = set(self.grid.get_node_ids())
+        new = [n for n in connected if n not in self.node_sites and n not in self.refused]
+        if new:
+            self.setup_nodes(new)
+        by_site = {}
+        for node, site in self.node_sites.items():
+            if node in connected:
+                by_site[site] = node
+        return list(by_site.values())
+
+    def wait_for_sites(self) -> list[int]:
+        deadline = time.time() + self.run.wait_for_sites
+        announced = False
+        while True:
+            nodes = self.active_nodes()
+            if len(nodes) >= self.run.min_sites and self.template is not None:
+                return nodes
+            if time.time() > deadline:
+                raise TimeoutError(f"only {len(nodes)} site(s) connected after {self.run.wait_for_sites:.0f} s "
+                                   f"(min-sites {self.run.min_sites}): {sorted(self.site_of(n) for n in nodes)}")
+            if not announced:
+                self.log(f"waiting for sites: {len(nodes)}/{self.run.min_sites} connected")
+                announced = True
+            time.sleep(max(self.poll, 1.0))
+
+    # ------------------------------------------------------------------ global model
+    def build_template(self, plans: dict, dataset_json: dict):
+        """The global model's trainer: nnU-Net's network from the plans, never trained, never given data."""
+        from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+
+        plans = dict(plans)
+        plans["dataset_name"] = self.run.federation_name
+        plans["continue_training"] = False  # what nnUNetv2_train passes
+        with contextlib.redirect_stdout(io.StringIO()):
+            t = self.trainer_cls(plans=plans, configuration=self.run.configuration, fold=self.run.fold_value(),
+                                 dataset_json=dataset_json, device=torch.device("cpu"))
+            t.configure_federation(self.run.rounds, self.run.local_steps, self.run.val_steps, self.run.fedprox_mu,
+                                   self.run.trainer_options)
+            if os.path.isfile(t.log_file):  # nnU-Net's banner; the server keeps its own log
+                os.remove(t.log_file)
+            t.log_file = os.path.join(self.fold_dir, SERVER_LOG)
+            torch.manual_seed(self.run.seed)
+            num_inputs = determine_num_input_channels(t.plans_manager, t.configuration_manager, dataset_json)
+            t.network = t.build_network_architecture(t.plans_manager, t.configuration_manager, num_inputs,
+                                                     t.label_manager.num_segmentation_heads, t.enable_deep_supervision)
+            t.configure_rotation_dummyDA_mirroring_and_inital_patch_size()  # mirroring axes for inference
+        t.console_output = False
+        return t
+
+    # ------------------------------------------------------------------ rounds
+    def run_round(self, r: int) -> bool:
+        nodes = self.wait_for_sites()
+        t0 = time.time()
+        content = msgs.global_content(self.global_arrays, {"round": r, "num-rounds": self.run.rounds})
+        failed = []
+
+        def updates():
+            for node, reply in self._exchange({n: content for n in nodes}, msgs.TRAIN, str(r),
+                                              self.run.round_timeout):
+                site = self.site_of(node)
+                if reply is None:
+                    failed.append((site, f"no update within round-timeout {self.run.round_timeout:.0f} s"))
+                elif reply.has_error():
+                    failed.append((site, f"site error: {reply.error.reason}"))
+                else:
+                    try:
+                        update = msgs.update_from_message(reply)
+                    except (msgs.MessageError, ValueError) as e:
+                        self.strategy.rejected.append((site, f"site {site!r}: malformed update: {e}"))
+                        continue
+                    if update.site != site:
+                        self.strategy.rejected.append(
+                            (site, f"site {site!r}: update claims to come from {update.site!r}"))
+                        continue
+                    yield update
+                    continue
+                self.log(f"round {r + 1}: {failed[-1][0]}: {failed[-1][1]}")
+
+        try:
+            new_arrays = self.strategy.aggregate(self.global_arrays, updates())
+        except NoValidUpdates as e:
+            new_arrays = None
+            self.log(f"round {r + 1}: {e}")
+        for site, why in self.strategy.rejected:
+            self.log(f"round {r + 1}: rejected update of {site}: {why}")
+        accepted = len(self.strategy.accepted)
+        if new_arrays is None or accepted < self.run.min_sites:
+            self.log(f"round {r + 1}: {accepted} valid update(s), fewer than min-sites {self.run.min_sites}; "
+                     f"the round is repeated")
+            return False
+        self.global_arrays = new_arrays
+        record = {"round": r, "sites": {u.site: {**u.metrics, "num_examples": u.num_examples}
+                                        for u in self.strategy.accepted},
+                  "rejected": [{"site": s, "reason": why} for s, why in self.strategy.rejected],
+                  "failed": [{"site": s, "reason": why} for s, why in failed],
+                  "seconds": time.time() - t0,
+                  **(self.strategy.round_record() if hasattr(self.strategy, "round_record") else {})}
+        self.metrics.append(record)
+        save_server_state(self.fold_dir, r + 1, self.global_arrays, self.run.resume_key())
+        self.log(f"round {r + 1}/{self.run.rounds} committed: {accepted} site(s) "
+                 f"{sorted(record['sites'])} in {record['seconds']:.1f} s")
+        return True
+
+    def finish(self) -> str:
+        nodes = self.active_nodes()
+        content = msgs.global_content(self.global_arrays, {"round": self.run.rounds,
+                                                           "final-validation": self.run.final_validation})
+        for node, reply in self._exchange({n: content for n in nodes}, msgs.FINISH, "finish",
+                                          self.run.round_timeout):
+            site = self.site_of(node)
+            if reply is None or reply.has_error():
+                why = "no reply" if reply is None else reply.error.reason
+                self.log(f"site {site} did not write its final model: {why}")
+            else:
+                self.log(f"site {site} wrote its final model")
+        path = write_global_model(self.cfg, self.template, self.global_arrays, self.fold_dir)
+        self.metrics.plot()
+        self.log(f"global model: {path}" if path else
+                 "personalised trainer: no global model; each site's folder holds its personal model")
+        return path
+
+    def serve(self) -> str:
+        state = load_server_state(self.fold_dir)
+        if state is not None and state["run_config"] != self.run.resume_key():
+            raise site_checks.FederationSetupError(
+                f"{self.fold_dir} holds a run with other settings ({state['run_config']}); use --fresh to start "
+                f"over or --federation-name to write elsewhere")
+        start = state["completed_rounds"] if state else 0
+        self.metrics = MetricsLog(self.fold_dir)
+        self.metrics.truncate(start)
+        self.log(f"federation {self.run.federation_name}: {self.run.rounds} round(s) of {self.run.local_steps} "
+                 f"steps, trainer {self.run.trainer}, min-sites {self.run.min_sites}"
+                 + (f"; resuming after round {start}" if start else ""))
+        nodes = self.wait_for_sites()
+        self.global_arrays = state["global_arrays"] if state else self.template.get_shared_arrays()
+        if hasattr(self.strategy, "start"):  # stateful server rules (client-level DP): federation size, past rounds
+            self.strategy.start(num_sites=max(len(nodes), self.run.min_sites), rounds=self.run.rounds,
+                                history=self.metrics.read())
+        for r in range(start, self.run.rounds):
+            for attempt in range(self.run.round_retries + 1):
+                if self.run_round(r):
+                    break
+            else:
+                raise RuntimeError(f"round {r + 1} failed {self.run.round_retries + 1} times "
+                                   f"(see {os.path.join(self.fold_dir, SERVER_LOG)})")
+        return self.finish()
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run = RunSettings.from_run_config(context.run_config)
+    FederationServer(grid, run).serve()
