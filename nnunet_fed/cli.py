@@ -63,11 +63,14 @@ def cmd_simulate(args) -> int:
                            fresh=args.fresh, progress=not args.no_progress,
                            trainer_options=parse_options(args.option))
     out = simulate(cfg)
-    print(f"global model: {out['global_model_folder']}")
+    personalised = out["global_checkpoint"] is None  # local parameters: one personal model per site
+    print(f"{'federation records' if personalised else 'global model'}: {out['global_model_folder']}")
     for site, folder in out["site_folders"].items():
         print(f"site {site}: {folder}")
-    print(f"predict with: nnUNetv2_predict -d {out['federation_name']} -tr {cfg.trainer} -p {cfg.plans_identifier} "
-          f"-c {cfg.configuration} -f {cfg.fold} -i <images> -o <output>")
+    target = "<site>" if personalised else out["federation_name"]
+    print(f"predict with: nnUNetv2_predict -d {target} -tr {cfg.trainer} -p {cfg.plans_identifier} "
+          f"-c {cfg.configuration} -f {cfg.fold} -i <images> -o <output>"
+          f"{' (personalised: each site predicts with its own model)' if personalised else ''}")
     return 0
 
 

@@ -185,7 +185,12 @@ def global_model_folder(cfg: SimulationConfig) -> str:
 
 
 def write_global_model(cfg: SimulationConfig, site0: nnUNetTrainerFederated, global_arrays, fold_dir: str) -> str:
-    """The global model as an nnU-Net results folder, so nnUNetv2_predict -d <federation> works unchanged."""
+    """The global model as an nnU-Net results folder, so nnUNetv2_predict -d <federation> works unchanged.
+
+    Personalised trainers (a sharing policy with local parameters) have no global model: its local layers
+    would be site 0's. Nothing is written then (returns None); each site's folder holds its personal model."""
+    if site0.local_parameter_names():
+        return None
     base = os.path.dirname(fold_dir)
     plans = dict(site0.plans_manager.plans)
     plans["dataset_name"] = cfg.federation_name
