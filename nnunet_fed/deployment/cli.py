@@ -84,7 +84,8 @@ def cmd_server(args) -> int:
     env = {**os.environ, "FLWR_HOME": flwr_home}
     superlink = launch.FlowerProcess("SuperLink", launch.superlink_command(
         args.host, port, tls, database=os.path.join(work, "superlink.db"),
-        supernode_auth=bool(args.auth_supernode_keys)), os.path.join(work, "superlink.log"), env=env)
+        supernode_auth=bool(args.auth_supernode_keys)), os.path.join(work, "superlink.log"), env=env,
+        new_session=False)
     try:
         launch.wait_for_port(args.host, port, 120, superlink)
         if args.auth_supernode_keys:
@@ -141,7 +142,7 @@ def cmd_site_join(args) -> int:
     cmd = launch.supernode_command(args.superlink, port, node_config, tls, args.auth_supernode_private_key)
     print(f"site {name}: joining {args.superlink} ({args.configuration}, {args.trainer})", flush=True)
     _on_signal_exit()
-    node = launch.FlowerProcess(f"SuperNode {name}", cmd, args.log_file)
+    node = launch.FlowerProcess(f"SuperNode {name}", cmd, args.log_file, new_session=False)
     try:
         return node.proc.wait()
     except KeyboardInterrupt:

@@ -71,15 +71,17 @@ class TLS:
 class FlowerProcess:
     """A Flower command in its own session, logging to a file."""
 
-    def __init__(self, name: str, command: list[str], log_path: str | None, env: dict | None = None):
-        """``log_path`` None: the output goes to this process's terminal."""
+    def __init__(self, name: str, command: list[str], log_path: str | None, env: dict | None = None,
+                 new_session: bool = True):
+        """``log_path`` None: the output goes to this process's terminal. ``new_session`` False keeps the process
+        in the caller's process group (a signal to the group, e.g. Ctrl-C, reaches it)."""
         self.name, self.command, self.log_path = name, command, log_path
         self._log = None
         if log_path:
             os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
             self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT if self._log else None,
-                                     env=env, start_new_session=True)
+                                     env=env, start_new_session=new_session)
 
     @property
     def pid(self) -> int:
@@ -98,16 +100,19 @@ class FlowerProcess:
             return ""
 
     def stop(self, timeout: float = 10.0) -> None:
-        """End the process and everything it started in its session (SIGTERM, then SIGKILL)."""
+        """End the process (and, in its own session, everything it started there): SIGTERM, then SIGKILL."""
+        own_group = os.getpgid(self.proc.pid) == self.proc.pid if self.proc.poll() is None else False
+        kill = (lambda sig: os.killpg(self.proc.pid, sig)) if own_group else self.proc.send_signal
         if self.proc.poll() is None:
             with _ignore_missing():
-                os.killpg(self.proc.pid, signal.SIGTERM)
+                kill(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 pass
-        with _ignore_missing():
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.proc.poll() is None:
+            with _ignore_missing():
+                kill(signal.SIGKILL)
         with _ignore_missing():
             self.proc.wait(5)
         if self._log:

@@ -63,24 +63,33 @@ class FederationServer:
 
     # ------------------------------------------------------------------ messaging
     def _exchange(self, content_by_node: dict, message_type: str, group: str, timeout: float):
-        """Push one message per node; yield (node, reply) as replies arrive, then (node, None) for the silent."""
+        """Push one message per node; yield (node, reply, None) as replies arrive, then (node, None, why) for
+        nodes that did not answer: gone offline during the exchange (Flower's heartbeats) or past ``timeout``."""
         nodes = list(content_by_node)
         messages = [Message(content_by_node[n], dst_node_id=n, message_type=message_type, group_id=group,
                             ttl=max(timeout, 60.0)) for n in nodes]
         ids = list(self.grid.push_messages(messages))
         pending = {mid: n for mid, n in zip(ids, nodes) if mid}
         for n in [n for mid, n in zip(ids, nodes) if not mid]:
-            yield n, None
+            yield n, None, "the message could not be delivered"
         deadline = time.time() + timeout
+        next_check = time.time() + 2.0
         while pending and time.time() < deadline:
             for reply in self.grid.pull_messages(list(pending)):
                 node = pending.pop(reply.metadata.reply_to_message_id, None)
                 if node is not None:
-                    yield node, reply
+                    yield node, reply, None
+            if pending and time.time() >= next_check:  # a SuperNode that left will not answer
+                connected = set(self.grid.get_node_ids())
+                for mid, node in list(pending.items()):
+                    if node not in connected:
+                        del pending[mid]
+                        yield node, None, "its SuperNode left the federation during the round"
+                next_check = time.time() + 2.0
             if pending:
                 time.sleep(self.poll)
         for node in pending.values():
-            yield node, None
+            yield node, None, f"no reply within {timeout:.0f} s"
 
     def site_of(self, node: int) -> str:
         return self.node_sites.get(node, f"node {node}")
@@ -88,9 +97,9 @@ class FederationServer:
     def setup_nodes(self, nodes: list[int]) -> None:
         """Ask new SuperNodes which site they are (and, for the first, the plans of the global model)."""
         content = {n: msgs.global_content(None, {"round": -1}) for n in nodes}
-        for node, reply in self._exchange(content, msgs.SETUP, "setup", SETUP_TIMEOUT):
+        for node, reply, why in self._exchange(content, msgs.SETUP, "setup", SETUP_TIMEOUT):
             if reply is None:
-                self.log(f"node {node} did not answer the setup query within {SETUP_TIMEOUT:.0f} s")
+                self.log(f"node {node} did not answer the setup query: {why}")
                 continue
             if reply.has_error():
                 self.refused[node] = reply.error.reason
@@ -165,11 +174,11 @@ class FederationServer:
         failed = []
 
         def updates():
-            for node, reply in self._exchange({n: content for n in nodes}, msgs.TRAIN, str(r),
-                                              self.run.round_timeout):
+            for node, reply, why in self._exchange({n: content for n in nodes}, msgs.TRAIN, str(r),
+                                                   self.run.round_timeout):
                 site = self.site_of(node)
                 if reply is None:
-                    failed.append((site, f"no update within round-timeout {self.run.round_timeout:.0f} s"))
+                    failed.append((site, f"no update: {why}"))
                 elif reply.has_error():
                     failed.append((site, f"site error: {reply.error.reason}"))
                 else:
@@ -215,11 +224,11 @@ class FederationServer:
         nodes = self.active_nodes()
         content = msgs.global_content(self.global_arrays, {"round": self.run.rounds,
                                                            "final-validation": self.run.final_validation})
-        for node, reply in self._exchange({n: content for n in nodes}, msgs.FINISH, "finish",
-                                          self.run.round_timeout):
+        for node, reply, why in self._exchange({n: content for n in nodes}, msgs.FINISH, "finish",
+                                               self.run.round_timeout):
             site = self.site_of(node)
             if reply is None or reply.has_error():
-                why = "no reply" if reply is None else reply.error.reason
+                why = why if reply is None else reply.error.reason
                 self.log(f"site {site} did not write its final model: {why}")
             else:
                 self.log(f"site {site} wrote its final model")

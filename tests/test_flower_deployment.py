@@ -1,0 +1,362 @@
+"""Flower deployment on loopback: a real SuperLink (nnunet_fed server) and SuperNodes (nnunet_fed site join),
+nnU-Net training on the tiny fixture sites, faults (a SuperNode killed mid-round, a server killed and restarted),
+and what a site puts on the wire (arrays only, no pickle, no local parameter)."""
+import io
+import json
+import os
+import pickletools
+import re
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import nnunet_fed_cmd, run_cli
+
+TRAINER = "nnUNetTrainerFedAvg"
+FED = "DatasetFed_flowertest"
+
+
+def _free_port():
+    from nnunet_fed.deployment.launch import free_port
+
+    return free_port()
+
+
+class Federation:
+    """nnunet_fed server + site join processes, each in its own process group; all ended by close()."""
+
+    def __init__(self, site_env, tmp_path, name=FED):
+        self.env = {**os.environ, **site_env["env"], "nnUNet_n_proc_DA": "0"}
+        self.tmp, self.name, self.port = tmp_path, name, _free_port()
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.fold = os.path.join(site_env["results"], name, f"{TRAINER}__nnUNetPlans__2d", "fold_0")
+
+    def _start(self, key, args, env=None):
+        log = open(self.tmp / f"{key}.log", "ab")
+        self.procs[key] = subprocess.Popen(args, env=env or self.env, stdout=log, stderr=subprocess.STDOUT,
+                                           start_new_session=True)
+        log.close()
+        return self.procs[key]
+
+    def server(self, rounds, *extra, key="server"):
+        return self._start(key, nnunet_fed_cmd() + [
+            "server", "--rounds", str(rounds), "-c", "2d", "-tr", TRAINER, "--local-steps", "2", "--val-steps", "1",
+            "--no-val", "--insecure", "--port", str(self.port), "--federation-name", self.name, *extra])
+
+    def join(self, dataset, key=None):
+        key = key or f"site{dataset}"
+        env = {**self.env, "FLWR_HOME": str(self.tmp / f"flwr_{key}")}
+        return self._start(key, nnunet_fed_cmd() + [
+            "site", "join", "--superlink", f"127.0.0.1:{self.port}", "-d", str(dataset), "-c", "2d", "-tr", TRAINER,
+            "--device", "cpu", "--insecure"], env)
+
+    def kill(self, key, sig=signal.SIGKILL):
+        proc = self.procs[key]
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        proc.wait(30)
+
+    def close(self):
+        for key in list(self.procs):
+            if self.procs[key].poll() is None:
+                self.kill(key, signal.SIGTERM)
+        time.sleep(1)
+        for key in list(self.procs):
+            try:
+                os.killpg(self.procs[key].pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def log(self, key):
+        return (self.tmp / f"{key}.log").read_text(errors="replace")
+
+    def metrics(self):
+        path = os.path.join(self.fold, "federation_metrics.jsonl")
+        if not os.path.isfile(path):
+            return []
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def server_log(self):
+        path = os.path.join(self.fold, "federation_server.log")
+        return open(path).read() if os.path.isfile(path) else ""
+
+    def wait(self, condition, timeout, what):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if condition():
+                return
+            if self.procs.get("server") is not None and self.procs["server"].poll() is not None and \
+                    "server" in what:
+                break
+            time.sleep(0.5)
+        raise AssertionError(f"timed out waiting for {what}\n--- server log:\n{self.server_log()[-3000:]}\n"
+                             f"--- server output:\n{self.log('server')[-3000:]}")
+
+    def wait_server(self, key="server", timeout=420):
+        try:
+            rc = self.procs[key].wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"server still running after {timeout} s\n{self.server_log()[-3000:]}") from None
+        assert rc == 0, f"server exited with {rc}\n{self.log(key)[-4000:]}\n{self.server_log()[-3000:]}"
+
+
+@pytest.fixture
+def federation(site_env, tmp_path):
+    fed = Federation(site_env, tmp_path)
+    yield fed
+    fed.close()
+
+
+def _weights(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["network_weights"]
+
+
+def _site_fold(site_env, name):
+    return os.path.join(site_env["results"], name, f"{TRAINER}__nnUNetPlans__2d", "fold_0")
+
+
+def _committed_rounds(fold):
+    from nnunet_fed.federation.records import load_server_state
+
+    state = load_server_state(fold)
+    return state["completed_rounds"] if state else 0
+
+
+def test_two_rounds_on_flower_then_nnunet_predict(site_env, federation, tmp_path):
+    fed = federation
+    fed.server(2, "--min-sites", "2", "--round-timeout", "300")
+    for d in site_env["ids"][:2]:
+        fed.join(d)
+    fed.wait_server()
+    out = fed.log("server")
+    assert f"nnUNetv2_predict -d {FED}" in out
+
+    rows = fed.metrics()
+    sites = set(site_env["names"][:2])
+    assert [r["round"] for r in rows] == [0, 1]
+    for r in rows:
+        assert set(r["sites"]) == sites and r["rejected"] == [] and r["failed"] == []
+        for m in r["sites"].values():
+            assert m["local_steps"] == 2 and m["num_examples"] > 0 and np.isfinite(m["train_loss"])
+            assert m["setup_seconds"] >= 0 and m["process_seconds"] > 0  # cost of a fresh trainer per round
+    assert _committed_rounds(fed.fold) == 2
+
+    # the global model in nnU-Net's layout; FedAvg: every site ends with the global parameters
+    ckpt = os.path.join(fed.fold, "checkpoint_final.pth")
+    gw = _weights(ckpt)
+    for name in sites:
+        sw = _weights(os.path.join(_site_fold(site_env, name), "checkpoint_final.pth"))
+        assert sw.keys() == gw.keys()
+        for k in gw:
+            assert torch.equal(sw[k], gw[k]), k
+
+    raw = os.path.join(site_env["env"]["nnUNet_raw"], site_env["names"][0])
+    pred = str(tmp_path / "pred")
+    penv = {**site_env["env"], "nnUNet_extTrainer": run_cli(nnunet_fed_cmd() + ["trainer-path"],
+                                                              site_env["env"]).stdout.strip()}
+    run_cli(["nnUNetv2_predict", "-i", os.path.join(raw, "imagesTs"), "-o", pred, "-d", FED, "-tr", TRAINER,
+             "-c", "2d", "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"], penv)
+    assert len([f for f in os.listdir(pred) if f.endswith(".nii.gz")]) == len(os.listdir(os.path.join(raw, "imagesTs")))
+
+
+def test_site_killed_mid_round_then_rejoins(site_env, federation):
+    """Three sites, --min-sites 2: one SuperNode is killed (SIGKILL) while the first round trains; the round
+    completes with the other two; the site rejoins and takes part in the next round."""
+    fed = federation
+    fed.server(2, "--min-sites", "2", "--round-timeout", "300")
+    for d in site_env["ids"]:
+        fed.join(d)
+    victim, victim_name = site_env["ids"][2], site_env["names"][2]
+    fed.wait(lambda: fed.server_log().count("joined") >= 3, 240, "three sites joined the server")
+    # the victim's flwr-clientapp is training round 1 once its SuperNode reports the train message
+    fed.wait(lambda: "train message" in fed.log(f"site{victim}"), 120, "the round's train message at the site")
+    fed.kill(f"site{victim}")  # SIGKILL: the SuperNode, its SuperExec and the training flwr-clientapp
+    fed.join(victim, key="rejoined")  # the site restarts at once; it takes part from the next round on
+    fed.wait_server()
+
+    rows = fed.metrics()
+    assert [r["round"] for r in rows] == [0, 1]
+    assert set(rows[0]["sites"]) == set(site_env["names"][:2])  # round 1 completed without the killed site
+    assert [f["site"] for f in rows[0]["failed"]] == [victim_name], rows[0]["failed"]
+    assert set(rows[1]["sites"]) == set(site_env["names"])  # the rejoined site trained round 2
+    assert _committed_rounds(fed.fold) == 2
+    assert os.path.isfile(os.path.join(fed.fold, "checkpoint_final.pth"))
+    for name in site_env["names"]:  # no lost checkpoints: every site has its final model and its round state
+        fold = _site_fold(site_env, name)
+        assert os.path.isfile(os.path.join(fold, "checkpoint_final.pth")), name
+        assert os.path.isfile(os.path.join(fold, "federated_rounds", "round_0001.pth")), name
+    ck = torch.load(os.path.join(_site_fold(site_env, victim_name), "checkpoint_final.pth"), map_location="cpu",
+                    weights_only=False)
+    assert len(ck["logging"]["lrs"]) == 2  # the missed round is filled in; the LR schedule follows the federation
+
+
+def test_server_killed_and_restarted_resumes(site_env, federation):
+    fed = federation
+    args = ("--min-sites", "2", "--round-timeout", "300")
+    fed.server(2, *args)
+    for d in site_env["ids"][:2]:
+        fed.join(d)
+    fed.wait(lambda: _committed_rounds(fed.fold) >= 1, 300, "round 1 committed")
+    fed.kill("server")  # SuperLink, ServerApp and flwr: the whole server process group
+    from nnunet_fed.federation.records import load_server_state
+
+    committed = load_server_state(fed.fold)
+    assert committed["completed_rounds"] == 1  # killed during round 2
+    assert not os.path.isfile(os.path.join(fed.fold, "checkpoint_final.pth"))
+
+    fed.server(2, *args, key="server2")
+    deadline = time.time() + 60
+    while f"resuming after round {committed['completed_rounds']}" not in fed.server_log() and time.time() < deadline:
+        time.sleep(0.5)
+    assert f"resuming after round {committed['completed_rounds']}" in fed.server_log()
+    fed.wait_server("server2")
+
+    rows = fed.metrics()
+    assert [r["round"] for r in rows] == [0, 1]
+    assert _committed_rounds(fed.fold) == 2
+    assert os.path.isfile(os.path.join(fed.fold, "checkpoint_final.pth"))
+    for name in site_env["names"][:2]:
+        ck = torch.load(os.path.join(_site_fold(site_env, name), "checkpoint_final.pth"), map_location="cpu",
+                        weights_only=False)
+        assert len(ck["logging"]["train_losses"]) == 2, name  # every round trained exactly once at each site
+
+
+# ---------------------------------------------------------------------------- what a site sends
+
+LOCAL_TRAINER = '''
+from nnunet_fed.federation.trainer import nnUNetTrainerFederated
+from nnunet_fed.federation.update import SharingPolicy
+
+
+class nnUNetTrainerFedLocalHead(nnUNetTrainerFederated):
+    """Test trainer: the segmentation heads stay at the site."""
+    sharing_policy = SharingPolicy([r"decoder\\.seg_layers\\."])
+'''
+
+PROTO_PICKLE = re.compile(rb"\x80[\x02-\x05]")
+GLOBAL_OPCODE = re.compile(rb"(?:^|[^\w])c[A-Za-z_][\w.]*\n[A-Za-z_][\w.]*\n")
+
+
+def pickles_in(blob: bytes) -> list[int]:
+    """Offsets at which a pickle (protocol 2-5 header parsing to STOP, or a protocol 0/1 GLOBAL) starts."""
+    found = []
+    for m in PROTO_PICKLE.finditer(blob):
+        try:
+            ops = list(pickletools.genops(blob[m.start():]))
+        except Exception:
+            continue
+        if ops and ops[-1][0].name == "STOP":
+            found.append(m.start())
+    found += [m.start() for m in GLOBAL_OPCODE.finditer(blob)]
+    return found
+
+
+def wire_objects(message):
+    """What Flower transmits for a message: every nested object, deflated."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    return list(get_all_nested_objects(message).values())
+
+
+def check_wire(message, local_names):
+    """No pickle anywhere; arrays are plain numeric .npy; no local parameter name anywhere."""
+    from flwr.app import Array
+    from flwr.app.message.arraychunk import ArrayChunk
+
+    for obj in wire_objects(message):
+        blob = obj.deflate()
+        for name in local_names:
+            assert name.encode() not in blob, f"local parameter {name} in a {type(obj).__name__}"
+        if isinstance(obj, Array):
+            assert obj.stype == "numpy.ndarray"
+            arr = np.load(io.BytesIO(obj.data), allow_pickle=False)  # refuses object arrays (pickled content)
+            assert arr.dtype.kind in "biuf" and arr.dtype.name == obj.dtype
+        elif isinstance(obj, ArrayChunk):
+            continue  # pieces of an Array's .npy bytes (checked whole above)
+        else:
+            assert not pickles_in(blob), f"pickle in a {type(obj).__name__}: {blob[:200]!r}"
+
+
+def test_pickle_detector_finds_pickles():
+    import pickle
+
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    for proto in (0, 2, 4, 5):
+        payload = pickle.dumps({"w": np.zeros(3)}, protocol=proto)
+        assert pickles_in(b"header" + payload + b"tail"), proto
+    assert not pickles_in(np.zeros(100, np.float32).tobytes() + b"plain text\n")
+    _set_task_identity()
+    msg = Message(RecordDict({"c": ConfigRecord({"blob": pickle.dumps(np.ones(2))})}), dst_node_id=1,
+                  message_type="train")
+    with pytest.raises(AssertionError, match="pickle"):
+        check_wire(msg, [])
+
+
+def _set_task_identity():
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
+
+
+def test_site_messages_are_arrays_only_without_local_parameters(site_env, tmp_path, monkeypatch):
+    """Every reply of a site (setup, a training round, finish) through the real ClientApp, in-process."""
+    folder = tmp_path / "extra_trainers"
+    folder.mkdir()
+    (folder / "nnUNetTrainerFedLocalHead.py").write_text(LOCAL_TRAINER)
+    monkeypatch.setenv("nnUNet_extTrainer", str(folder))
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    from flwr.app import Context, Message, RecordDict
+
+    from nnunet_fed.deployment import messages as msgs
+    from nnunet_fed.deployment.client_app import app
+    from nnunet_fed.deployment.runconfig import RunSettings
+    from nnunet_fed.deployment.server_app import FederationServer
+    from nnunet_fed.federation.aggregation import check_update
+    from nnunet_fed.federation.update import tensor_aliases
+
+    _set_task_identity()
+    run = RunSettings(trainer="nnUNetTrainerFedLocalHead", rounds=1, local_steps=1, val_steps=1,
+                      federation_name="DatasetFed_wire", final_validation=False)
+    context = Context(run_id=1, node_id=7, state=RecordDict(), run_config=run.to_run_config(),
+                      node_config={"dataset": site_env["ids"][0], "configuration": "2d",
+                                   "trainer": "nnUNetTrainerFedLocalHead", "device": "cpu"})
+
+    def send(content, message_type):
+        reply = app(Message(content, dst_node_id=7, message_type=message_type), context)
+        assert not reply.has_error(), reply.error.reason
+        return reply
+
+    replies = [send(msgs.global_content(None, {"round": -1}), msgs.SETUP)]
+    cfg = replies[0].content[msgs.CONFIG]
+    server = FederationServer(None, run)  # the server's view: the global model built from the site's plans
+    template = server.build_template(json.loads(cfg["plans"]), json.loads(cfg["dataset_json"]))
+    local = template.local_parameter_names()
+    assert local, "the test trainer must keep parameters local"
+    local_all_names = sorted({alias for n, names in tensor_aliases(template.plain_network).items() if n in local
+                              for alias in names})
+    global_arrays = template.get_shared_arrays()
+    replies.append(send(msgs.global_content(global_arrays, {"round": 0, "num-rounds": 1}), msgs.TRAIN))
+    replies.append(send(msgs.global_content(global_arrays, {"round": 1, "final-validation": False}), msgs.FINISH))
+
+    for reply in replies:
+        check_wire(reply, local_all_names)
+    update = msgs.update_from_message(replies[1])
+    assert set(update.arrays) == set(global_arrays) and not set(update.arrays) & set(local_all_names)
+    check_update(update, global_arrays)  # what the server's validation accepts
+    assert update.site == site_env["names"][0] and update.num_examples > 0
+    # the local parameters stayed at the site, trained, in its round state
+    state = torch.load(os.path.join(_site_fold_of(site_env, "nnUNetTrainerFedLocalHead"), "federated_rounds",
+                                    "round_0000.pth"), map_location="cpu", weights_only=False)
+    assert all(k in state["network_weights"] for k in local)
+
+
+def _site_fold_of(site_env, trainer):
+    return os.path.join(site_env["results"], site_env["names"][0], f"{trainer}__nnUNetPlans__2d", "fold_0")
