@@ -56,6 +56,11 @@ def test_simulate_predict_evaluate(site_env, tmp_path):
         for k in gw:  # FedAvg: every site ends with the global parameters
             assert torch.equal(sw[k], gw[k]), k
         assert os.path.isfile(os.path.join(site_fold, "validation", "summary.json"))  # nnU-Net's final validation
+        # nnU-Net's per-site outputs: progress.png (drawn once at the end) and checkpoint_best.pth (from a round state)
+        assert os.path.getsize(os.path.join(site_fold, "progress.png")) > 1000
+        best = torch.load(os.path.join(site_fold, "checkpoint_best.pth"), map_location="cpu", weights_only=False)
+        assert best["network_weights"].keys() == gw.keys() and best["current_epoch"] in (1, 2)
+        assert best["_best_ema"] is not None
 
     # per-round metrics: every site, every round
     rows = read_metrics(site_env)

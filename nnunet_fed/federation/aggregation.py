@@ -83,6 +83,7 @@ class FedAvg:
             total += w
             # keep the metadata, drop the arrays: they are folded into the running sum
             self.accepted.append(Update(update.site, {}, update.num_examples, dict(update.metrics)))
+            del update  # do not hold this site's arrays while the next site trains
         if not self.accepted:
             reasons = "; ".join(r for _, r in self.rejected) or "no site answered"
             raise NoValidUpdates(f"no valid update this round: {reasons}")

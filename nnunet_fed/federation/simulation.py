@@ -102,6 +102,7 @@ class SimulatedSite:
         """Free what the site does not need until its next turn (it is in the round state file)."""
         t = self.trainer
         t.release_dataloaders()
+        t.optimizer.zero_grad(set_to_none=True)  # gradients: one more copy of the weights per idle site
         t.optimizer.state.clear()
         if t.device.type == "cuda":
             t.network.to("cpu")
@@ -123,6 +124,7 @@ def _make_trainer(cfg: SimulationConfig, site_name: str, trainer_cls, device: to
         trainer = trainer_cls(plans=plans, configuration=cfg.configuration, fold=cfg.fold,
                               dataset_json=load_json(os.path.join(base, "dataset.json")), device=device)
     trainer.console_output = not cfg.progress
+    trainer.defer_site_outputs(True)
     trainer.configure_federation(cfg.rounds, cfg.local_steps, cfg.val_steps, cfg.fedprox_mu, cfg.trainer_options)
     return trainer
 
@@ -269,13 +271,18 @@ def simulate(cfg: SimulationConfig) -> dict:
             t0 = time.time()
 
             def updates():
-                for site in sites:
+                for i, site in enumerate(sites):
+                    # the next site's augmentation workers start now and fill their queues during this turn
+                    following = sites[i + 1] if i + 1 < len(sites) else (sites[0] if r + 1 < cfg.rounds else None)
+                    if following is not None and following is not site:
+                        following.trainer.start_dataloaders()
                     if bar is not None:
                         bar.set_postfix_str(f"round {r + 1}/{cfg.rounds} site {site.name}")
                     upd = site.run_round(r, global_arrays)
                     if bar is not None:
                         bar.update(1)
                     yield upd
+                    del upd  # folded into the running sum: do not hold it while the next site trains
 
             global_arrays = strategy.aggregate(global_arrays, updates())
             record = {"round": r, "sites": {u.site: {**u.metrics, "num_examples": u.num_examples}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from typing import Mapping
 
 import numpy as np
@@ -79,6 +80,10 @@ def restore_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def _no_plot(output_folder) -> None:
+    """Stands in for the logger's plot_progress_png while site outputs are deferred."""
+
+
 class nnUNetTrainerFederated(nnUNetTrainer):
     """Base class of every nnunet_fed trainer. On its own it behaves like FedAvg with all parameters shared."""
 
@@ -132,6 +137,10 @@ class nnUNetTrainerFederated(nnUNetTrainer):
         self.num_val_iterations_per_epoch = _env_number(ENV_VAL_STEPS, self.num_val_iterations_per_epoch)
         self.fedprox_mu = _env_number(ENV_FEDPROX_MU, 0.0, float)
         self.options = self.resolve_options()
+        # In a simulation, a site's progress.png and checkpoint_best.pth are written from its round state
+        # (no extra serialisation per site and round); see defer_site_outputs().
+        self._deferred_outputs = False
+        self._best_pending = False
         self.federated_round_reference: dict[str, torch.Tensor] | None = None  # global weights of this round
         self.num_training_cases: int | None = None
         self.console_output = True
@@ -168,6 +177,15 @@ class nnUNetTrainerFederated(nnUNetTrainer):
             if fedprox_mu < 0:
                 raise ValueError(f"fedprox_mu must be >= 0, got {fedprox_mu}")
             self.fedprox_mu = float(fedprox_mu)
+
+    def defer_site_outputs(self, defer: bool = True) -> None:
+        """Draw progress.png only at the end and write checkpoint_best.pth by linking the round state file
+        (saves ~1 s per site and round against nnU-Net's per-epoch plot and checkpoint)."""
+        self._deferred_outputs = defer
+        if defer:
+            self.logger.plot_progress_png = _no_plot  # instance attribute: nnU-Net's on_epoch_end calls it
+        else:
+            self.logger.__dict__.pop("plot_progress_png", None)
 
     def print_to_log_file(self, *args, also_print_to_console=True, add_timestamp=True):
         super().print_to_log_file(*args, also_print_to_console=also_print_to_console and getattr(self, "console_output", True),
@@ -285,6 +303,12 @@ class nnUNetTrainerFederated(nnUNetTrainer):
         self.on_train_end()
 
     # ------------------------------------------------------------------ state between rounds
+    def start_dataloaders(self) -> None:
+        """Start the augmentation workers ahead of the site's turn (they fill their queues meanwhile)."""
+        for dl in (self.dataloader_train, self.dataloader_val):
+            if isinstance(dl, (NonDetMultiThreadedAugmenter, MultiThreadedAugmenter)):
+                dl._start()
+
     def release_dataloaders(self) -> None:
         """Stop the augmentation workers (they restart on the next batch request)."""
         for dl in (self.dataloader_train, self.dataloader_val):
@@ -294,6 +318,9 @@ class nnUNetTrainerFederated(nnUNetTrainer):
     def save_checkpoint(self, filename: str) -> None:
         """nnU-Net's checkpoint plus the RNG state, so that a resumed run continues the same random streams."""
         if self.local_rank != 0:
+            return
+        if self._deferred_outputs and os.path.basename(filename) == "checkpoint_best.pth":
+            self._best_pending = True  # materialised from the round state file by save_round_state
             return
         if self.disable_checkpointing:
             self.print_to_log_file("No checkpoint written, checkpointing is disabled")
@@ -353,3 +380,20 @@ class nnUNetTrainerFederated(nnUNetTrainer):
             self.save_checkpoint(filename)
         finally:
             self.current_epoch += 1
+        if self._best_pending and not self.disable_checkpointing and self.local_rank == 0:
+            best = os.path.join(self.output_folder, "checkpoint_best.pth")
+            tmp = best + ".tmp"
+            if os.path.lexists(tmp):
+                os.remove(tmp)
+            try:
+                os.link(filename, tmp)  # same bytes nnU-Net would have written at the end of this epoch
+            except OSError:
+                shutil.copyfile(filename, tmp)
+            os.replace(tmp, best)
+            self._best_pending = False
+
+    def on_train_end(self):
+        super().on_train_end()
+        if self._deferred_outputs and self.local_rank == 0:
+            type(self.logger).plot_progress_png(self.logger, self.output_folder)  # the plot skipped after each round
+
