@@ -1,0 +1,1 @@
+"""Differential privacy for nnU-Net: exact per-case clipping, Poisson sampling of cases, accountants, adaptive clipping."""

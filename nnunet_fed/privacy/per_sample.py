@@ -1,0 +1,195 @@
+"""Exact per-sample gradient clipping for nnU-Net's networks.
+
+nnU-Net's UNets (``PlainConvUNet``, ``ResidualEncoderUNet``; 2d and 3d; deep supervision) treat the samples of a
+batch independently: convolutions, transposed convolutions, instance normalisation (statistics per sample and
+channel) and LeakyReLU never mix samples. So one ordinary backward pass of the *sum of per-sample losses* gives,
+at every layer output, the gradient each sample sends through that layer. From a layer's input and that output
+gradient, each sample's parameter gradient follows exactly:
+
+- convolution / transposed convolution: the weight gradient of a grouped convolution with one group per sample
+  (``aten.convolution_backward`` with ``groups = batch x groups``); the bias gradient is a spatial sum;
+- instance norm (affine): ``sum(grad * x_hat)`` and ``sum(grad)`` over space, per sample and channel.
+
+The step (``PerSampleClipper.clipped_sum``):
+
+1. forward with hooks that keep each layer's input and catch the gradient at its output (tensor hooks, so the
+   in-place LeakyReLU after a norm and the in-place residual addition of ``BasicBlockD`` are handled: the hook
+   sees the gradient of the value before the in-place change);
+2. backward of ``sum_i loss_i`` to the activations only (parameters do not require grad during the pass, so no
+   weight gradient is computed twice);
+3. per-sample gradient norms, layer by layer (each layer's per-sample gradients are freed right away);
+4. clip factors ``c_i = min(1, C / ||g_i||)``;
+5. the clipped sum ``sum_i c_i g_i`` of every parameter as one batched weight gradient with the output gradients
+   scaled by ``c_i`` (an ordinary weight-gradient computation).
+
+``loss_i`` is nnU-Net's loss (Dice + CE, deep supervision) evaluated on sample ``i`` alone, so with
+``batch_dice`` the Dice term is per sample (a loss coupling samples would make a sample's gradient depend on
+other samples' data). The result is exact: tests compare it with single-sample backward passes.
+Networks with layers that mix samples (BatchNorm) or parameters outside supported layers are refused.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+SUPPORTED = (_ConvNd, _InstanceNorm)
+
+
+def _spatial_dims(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(range(2, t.dim()))
+
+
+class PerSampleClipper:
+    """Clipped sums of exact per-sample gradients for a network made of convolutions and instance norms."""
+
+    def __init__(self, network: nn.Module, norm_type: float = 2.0):
+        if norm_type not in (1.0, 2.0):
+            raise ValueError(f"norm_type must be 1 (L1) or 2 (L2), got {norm_type}")
+        self.network = network
+        self.norm_type = float(norm_type)
+        self.layers: list[nn.Module] = []
+        covered = set()
+        for name, module in network.named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                raise ValueError(f"per-sample gradients: {name} ({type(module).__name__}) mixes the samples of a "
+                                 f"batch; use instance normalisation (nnU-Net's default)")
+            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            if not own:
+                continue
+            if not isinstance(module, SUPPORTED):
+                raise ValueError(f"per-sample gradients: layer {name} ({type(module).__name__}) is not supported; "
+                                 f"supported are convolutions, transposed convolutions and instance norms")
+            if isinstance(module, _InstanceNorm) and module.track_running_stats:
+                raise ValueError(f"per-sample gradients: {name} tracks running statistics across samples")
+            self.layers.append(module)
+            covered.update(id(p) for p in own)
+        missing = [n for n, p in network.named_parameters() if p.requires_grad and id(p) not in covered]
+        if missing:
+            raise ValueError(f"per-sample gradients: parameters outside supported layers: {missing[:5]}")
+        self.parameters = [p for m in self.layers for p in m.parameters(recurse=False) if p.requires_grad]
+
+    # ------------------------------------------------------------------ the step
+    def clipped_sum(self, data: torch.Tensor, per_sample_losses: Callable[[object], torch.Tensor],
+                    max_norm: float, accumulate_into: dict | None = None):
+        """Add ``sum_i min(1, max_norm / ||g_i||) g_i`` into ``accumulate_into`` (parameter -> tensor).
+
+        ``per_sample_losses(output)`` returns the vector of the batch's per-sample losses.
+        Returns (accumulator, per-sample gradient norms, per-sample losses (detached))."""
+        records: list[list] = []  # [module, input, grad_output]
+
+        def forward_hook(module, inputs, output):
+            rec = [module, inputs[0].detach(), None]
+            records.append(rec)
+            if not output.requires_grad:
+                return None
+            replacement, target = None, output
+            if output._base is not None:
+                # instance norm returns a view of its batch-norm result, and a hook on a view that is then
+                # modified in place (LeakyReLU(inplace=True), ``out += residual``) never fires: hook the base
+                if output._base.numel() == output.numel() and output.is_contiguous():
+                    target = output._base
+                else:
+                    replacement = target = output.clone()
+            shape = output.shape
+
+            def catch(grad, rec=rec):
+                grad = grad.reshape(shape)
+                rec[2] = grad if rec[2] is None else rec[2] + grad
+
+            target.register_hook(catch)
+            return replacement
+
+        flags = [p.requires_grad for p in self.parameters]
+        handles = [m.register_forward_hook(forward_hook) for m in self.layers]
+        try:
+            for p in self.parameters:
+                p.requires_grad_(False)
+            data = data.detach().requires_grad_(True)
+            output = self.network(data)
+            losses = per_sample_losses(output)
+            torch.autograd.grad(losses.sum(), data)
+        finally:
+            for h in handles:
+                h.remove()
+            for p, f in zip(self.parameters, flags):
+                p.requires_grad_(f)
+        del output
+        batch = data.shape[0]
+        sq = torch.zeros(batch, dtype=torch.float64, device=data.device)
+        for module, inp, grad in records:
+            if grad is not None:
+                for g in self._per_sample(module, inp, grad):
+                    g = g.flatten(1).double()
+                    sq += g.pow(2).sum(1) if self.norm_type == 2 else g.abs().sum(1)
+        norms = sq.sqrt() if self.norm_type == 2 else sq
+        factors = (max_norm / (norms + 1e-6)).clamp(max=1.0).to(data.dtype)
+        acc = accumulate_into if accumulate_into is not None else {}
+        for module, inp, grad in records:
+            if grad is None:
+                continue
+            scaled = grad * factors.view(-1, *([1] * (grad.dim() - 1)))
+            for p, g in zip(self._own_params(module), self._batched(module, inp, scaled)):
+                if g is None:
+                    continue
+                if p in acc:
+                    acc[p] += g
+                else:
+                    acc[p] = g.clone()
+        return acc, norms, losses.detach()
+
+    # ------------------------------------------------------------------ per layer
+    @staticmethod
+    def _own_params(module):
+        return [module.weight, module.bias]
+
+    @staticmethod
+    def _x_hat(module, inp):
+        return nn.functional.instance_norm(inp, eps=module.eps)
+
+    def _per_sample(self, module, inp, grad) -> Sequence[torch.Tensor]:
+        """Each parameter's per-sample gradients, shape (batch, *param.shape)."""
+        out = []
+        dims = _spatial_dims(grad)
+        if isinstance(module, _InstanceNorm):
+            if module.weight is not None and module.weight.requires_grad:
+                out.append((grad * self._x_hat(module, inp)).sum(dims))
+            if module.bias is not None and module.bias.requires_grad:
+                out.append(grad.sum(dims))
+            return out
+        if module.weight.requires_grad:
+            out.append(self._conv_weight_per_sample(module, inp, grad))
+        if module.bias is not None and module.bias.requires_grad:
+            out.append(grad.sum(dims))
+        return out
+
+    @staticmethod
+    def _conv_weight_per_sample(module: _ConvNd, inp, grad) -> torch.Tensor:
+        b = inp.shape[0]
+        w = module.weight
+        x = inp.reshape(1, -1, *inp.shape[2:])
+        g = grad.reshape(1, -1, *grad.shape[2:])
+        weight = w.detach().repeat(b, *([1] * (w.dim() - 1)))  # (b * w.shape[0], ...): one group per sample
+        if isinstance(module.padding, str):
+            raise ValueError(f"per-sample gradients: string padding {module.padding!r} is not supported")
+        _, gw, _ = torch.ops.aten.convolution_backward(
+            g, x, weight, None, module.stride, module.padding, module.dilation, module.transposed,
+            module.output_padding, module.groups * b, [False, True, False])
+        return gw.view(b, *w.shape)
+
+    def _batched(self, module, inp, grad):
+        """(weight, bias) gradients of the batch (summed over samples), for an output gradient ``grad``."""
+        dims = (0, *_spatial_dims(grad))
+        wants_w = module.weight is not None and module.weight.requires_grad
+        wants_b = module.bias is not None and module.bias.requires_grad
+        if isinstance(module, _InstanceNorm):
+            return [(grad * self._x_hat(module, inp)).sum(dims) if wants_w else None,
+                    grad.sum(dims) if wants_b else None]
+        _, gw, gb = torch.ops.aten.convolution_backward(
+            grad, inp, module.weight.detach(), [module.out_channels] if wants_b else None,
+            module.stride, module.padding, module.dilation, module.transposed, module.output_padding, module.groups,
+            [False, wants_w, wants_b])
+        return [gw if wants_w else None, gb if wants_b else None]

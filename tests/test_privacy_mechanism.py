@@ -1,0 +1,214 @@
+"""Sample-level DP: exact per-case clipping on nnU-Net's networks, accounting against dp_accounting, budget
+refusal, adaptive clipping, and the DP trainers end to end (nnunet_fed simulate, plain nnUNetv2_train)."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
+from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+
+from conftest import nnunet_fed_cmd, run_cli
+from nnunet_fed.privacy import accountant as acct
+from nnunet_fed.privacy.adaptive import AdaptiveClip
+from nnunet_fed.privacy.per_sample import PerSampleClipper
+
+
+def _net(arch, dim):
+    conv = torch.nn.Conv2d if dim == 2 else torch.nn.Conv3d
+    norm = torch.nn.InstanceNorm2d if dim == 2 else torch.nn.InstanceNorm3d
+    kw = dict(conv_bias=True, norm_op=norm, norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=torch.nn.LeakyReLU,
+              nonlin_kwargs={"inplace": True}, deep_supervision=True)
+    if arch == "plain":
+        return PlainConvUNet(1, 4, [4, 8, 16, 16], conv, 3, [1, 2, 2, 2], [2, 2, 2, 2], 3, [2, 2, 2], **kw)
+    return ResidualEncoderUNet(1, 4, [4, 8, 16, 16], conv, 3, [1, 2, 2, 2], [1, 2, 2, 2], 3, [1, 1, 1], **kw)
+
+
+def _loss(batch_dice):
+    ws = np.array([1, 0.5, 0.25, 0.0])
+    return DeepSupervisionWrapper(DC_and_CE_loss({"batch_dice": batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": False},
+                                                 {}, weight_ce=1, weight_dice=1, ignore_label=None,
+                                                 dice_class=MemoryEfficientSoftDiceLoss), ws / ws.sum())
+
+
+def _case(arch, dim, batch, seed=0):
+    torch.manual_seed(seed)
+    net = _net(arch, dim).double()
+    shape = (16, 16) if dim == 2 else (8, 16, 16)
+    x = torch.randn(batch, 1, *shape, dtype=torch.float64)
+    sizes = [shape]
+    for _ in range(3):
+        sizes.append(tuple(max(1, s // 2) if i or dim == 2 else s for i, s in enumerate(sizes[-1])))
+    # targets at the deep-supervision resolutions the network outputs
+    with torch.no_grad():
+        outs = net(x)
+    ys = [torch.randint(0, 3, (batch, 1, *o.shape[2:])).double() for o in outs]
+    loss = _loss(batch_dice=True)
+
+    def per_sample_losses(out):
+        return torch.stack([loss([o[i:i + 1] for o in out], [y[i:i + 1] for y in ys]) for i in range(batch)])
+    return net, x, ys, loss, per_sample_losses
+
+
+CASES = [("plain", 2), ("res", 2), ("plain", 3), ("res", 3)]
+
+
+@pytest.mark.parametrize("arch,dim", CASES)
+def test_per_sample_gradients_are_exact(arch, dim):
+    """The clipped sum equals the sum of single-sample backward passes, each clipped (float64)."""
+    batch, clip = 3, 0.05
+    net, x, ys, loss, psl = _case(arch, dim, batch)
+    acc, norms, _ = PerSampleClipper(net).clipped_sum(x, psl, clip)
+    ref = {p: torch.zeros_like(p) for p in net.parameters()}
+    for i in range(batch):
+        net.zero_grad(set_to_none=True)
+        loss([o for o in net(x[i:i + 1])], [y[i:i + 1] for y in ys]).backward()
+        n = torch.sqrt(sum((p.grad ** 2).sum() for p in net.parameters() if p.grad is not None))
+        torch.testing.assert_close(norms[i], n, rtol=1e-9, atol=1e-12)
+        for p in net.parameters():
+            if p.grad is not None:
+                ref[p] += p.grad * min(1.0, clip / (float(n) + 1e-6))
+    assert float(norms.min()) > clip  # the test clips every case
+    for p in net.parameters():
+        torch.testing.assert_close(acc.get(p, torch.zeros_like(p)), ref[p], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch,dim", CASES)
+def test_a_case_contributes_at_most_the_clip_norm(arch, dim):
+    """Removing one case changes the clipped sum by at most C (L2), and by at most C in L1 in Laplace mode."""
+    batch = 4
+    net, x, ys, loss, psl = _case(arch, dim, batch, seed=1)
+    for norm_type, clip in ((2.0, 0.01), (1.0, 0.5)):
+        clipper = PerSampleClipper(net, norm_type=norm_type)
+        full, norms, _ = clipper.clipped_sum(x, psl, clip)
+        assert float(norms.max()) > clip
+        keep = [0, 1, 3]  # case 2 left out
+
+        def psl_without(out, keep=keep):
+            return torch.stack([loss([o[j:j + 1] for o in out], [y[k:k + 1] for y in ys])
+                                for j, k in enumerate(keep)])
+        part, _, _ = clipper.clipped_sum(x[keep], psl_without, clip)
+        diff = torch.cat([(full[p] - part.get(p, torch.zeros_like(p))).flatten() for p in full])
+        size = float(diff.norm(p=norm_type))
+        assert size <= clip * (1 + 1e-9)
+        assert size > 0.5 * clip  # the bound is attained by a clipped case, not trivially small
+
+
+def test_epsilon_matches_dp_accounting():
+    """Opacus RDP and PRV (our accountants) against Google's dp_accounting RDP and PLD, heterogeneous history."""
+    import dp_accounting
+    from dp_accounting.pld import pld_privacy_accountant
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    history = [[1.1, 0.02, 400], [0.9, 0.02, 200], [1.5, 0.05, 100]]
+    delta = 1e-5
+
+    def event():
+        return dp_accounting.ComposedDpEvent([
+            dp_accounting.SelfComposedDpEvent(
+                dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(s)), n) for s, q, n in history])
+    orders = [1 + x / 20 for x in range(1, 200)] + list(range(12, 256))
+    rdp = rdp_privacy_accountant.RdpAccountant(orders).compose(event()).get_epsilon(delta)
+    pld = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4).compose(event()).get_epsilon(delta)
+    ours_rdp = acct.epsilon(history, delta, "rdp")
+    ours_prv = acct.epsilon(history, delta, "prv")
+    assert abs(ours_rdp - rdp) / rdp < 0.01, (ours_rdp, rdp)
+    assert abs(ours_prv - pld) / pld < 0.01, (ours_prv, pld)
+    assert ours_prv < ours_rdp  # PRV is tighter than RDP's conversion
+
+
+def test_calibration_meets_the_target_and_refuses_what_it_cannot():
+    q, steps, rounds = 0.01, 100, 10
+    for accountant in ("rdp", "prv"):
+        sigma = acct.calibrate(4.0, 1e-5, q, steps, rounds, accountant)
+        eps = acct.epsilon(acct.schedule_history([sigma] * rounds, q, steps), 1e-5, accountant)
+        assert 0.97 * 4.0 <= eps <= 4.0
+    # a decaying schedule: calibrated jointly over all rounds
+    sigma0 = acct.calibrate(4.0, 1e-5, q, steps, rounds, "rdp", decay=0.9)
+    eps = acct.epsilon(acct.schedule_history([sigma0 * 0.9 ** r for r in range(rounds)], q, steps), 1e-5)
+    assert 0.99 * 4.0 <= eps <= 4.0 and sigma0 > sigma
+    # Laplace: pure epsilon, Poisson amplification, basic composition
+    b = acct.calibrate(8.0, 0.0, q, steps, rounds, mechanism="laplace")
+    per_step = np.log1p(q * np.expm1(1 / b))
+    assert 0.99 * 8.0 <= steps * rounds * per_step <= 8.0
+    with pytest.raises(acct.BudgetError, match=r"cannot be met.*would reach epsilon [0-9.]+"):
+        acct.calibrate(0.05, 1e-5, 0.5, 1000, 10, max_noise_multiplier=5.0)
+    # adaptive clipping: the count query must leave budget for the gradient
+    assert acct.effective_noise_multiplier(acct.gradient_noise_multiplier(1.2, 3.0), 3.0) == pytest.approx(1.2)
+    with pytest.raises(acct.BudgetError, match="count_noise_multiplier"):
+        acct.gradient_noise_multiplier(2.0, 0.9)
+
+
+def test_adaptive_threshold_converges_to_the_target_quantile():
+    """Fixed log-normal gradient norms: the noisy geometric update settles at the target quantile."""
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    n, q = 2000, 0.1
+    norms = rng.lognormal(mean=0.0, sigma=1.0, size=n)
+    for gamma in (0.3, 0.5, 0.8):
+        ada = AdaptiveClip(initial=0.01, target_quantile=gamma, learning_rate=0.2, count_noise_multiplier=n * q / 20)
+        clips = []
+        for step in range(600):
+            sampled = norms[rng.uniform(size=n) < q]
+            ada.update(int((sampled <= ada.clip).sum()), len(sampled), n * q)
+            clips.append(ada.clip)
+        final = float(np.mean(clips[-200:]))
+        assert abs(float((norms <= final).mean()) - gamma) < 0.03, (gamma, final)
+
+
+# ---------------------------------------------------------------------- end to end on nnU-Net's code paths
+def test_simulate_fedadp_end_to_end(site_env):
+    env = {**site_env["env"], "nnUNet_n_proc_DA": "0"}
+    rounds, steps = 2, 3
+    run_cli(nnunet_fed_cmd() + ["simulate", "-d", *site_env["ids"], "-c", "2d", "-tr", "nnUNetTrainerFedADP",
+                                "--rounds", str(rounds), "--local-steps", str(steps), "--val-steps", "1", "--device",
+                                "cpu", "--no-val", "-o", "target_epsilon=8", "-o", "expected_batch_size=4",
+                                "-o", "max_grad_norm=0.5", "--no-progress"], env)
+    gfold = os.path.join(site_env["results"], "DatasetFed_201_202_203", "nnUNetTrainerFedADP__nnUNetPlans__2d", "fold_0")
+    with open(os.path.join(gfold, "federation_metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    assert [r["round"] for r in rows] == list(range(rounds))
+    for name in site_env["names"]:
+        eps = [r["sites"][name]["epsilon"] for r in rows]
+        assert 0 < eps[0] < eps[1] <= 8.0
+        assert "train_loss" not in rows[0]["sites"][name]
+        clips = [r["sites"][name]["clip"] for r in rows]
+        assert clips[0] != 0.5  # the adaptive threshold moved
+        fold = os.path.join(site_env["results"], name, "nnUNetTrainerFedADP__nnUNetPlans__2d", "fold_0")
+        with open(os.path.join(fold, "privacy_report.json")) as f:
+            rep = json.load(f)
+        assert rep["steps"] == rounds * steps and rep["adaptive_clip"] and rep["delta"] == 1e-5
+        assert rep["epsilon"] == pytest.approx(eps[-1])
+        assert rep["epsilon"] == pytest.approx(acct.epsilon(rep["history"], rep["delta"]))
+        # the accountant continued across rounds (state file per round): one history entry per step count
+        assert sum(h[2] for h in rep["history"]) == rounds * steps
+        assert rep["epsilon"] <= 8.0 and rep["planned_epsilon"] <= 8.0
+
+
+def test_budget_refusal_names_the_epsilon(site_env):
+    proc = run_cli(nnunet_fed_cmd() + ["simulate", "-d", site_env["ids"][0], "-c", "2d", "-tr", "nnUNetTrainerFedDP",
+                                       "--rounds", "2", "--local-steps", "50", "--device", "cpu", "--no-val",
+                                       "--no-progress", "-o", "target_epsilon=0.01", "-o", "max_noise_multiplier=3",
+                                       "-o", "sampling_rate=0.5"],
+                   {**site_env["env"], "nnUNet_n_proc_DA": "0"}, check=False)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "cannot be met" in out and "would reach epsilon" in out
+    assert not os.path.exists(os.path.join(site_env["results"], "DatasetFed_201", "nnUNetTrainerFedDP__nnUNetPlans__2d",
+                                           "fold_0", "checkpoint_final.pth"))
+
+
+def test_plain_nnunetv2_train_with_dp(site_env):
+    env = {**site_env["env"], "nnUNet_fed_rounds": "1", "nnUNet_fed_local_steps": "2", "nnUNet_fed_val_steps": "1",
+           "nnUNet_fed_noise_multiplier": "1.0", "nnUNet_n_proc_DA": "0"}
+    env["nnUNet_extTrainer"] = run_cli(nnunet_fed_cmd() + ["trainer-path"], env).stdout.strip()
+    run_cli(["nnUNetv2_train", site_env["ids"][0], "2d", "0", "-tr", "nnUNetTrainerDP", "-device", "cpu", "--npz"], env)
+    fold = os.path.join(site_env["results"], site_env["names"][0], "nnUNetTrainerDP__nnUNetPlans__2d", "fold_0")
+    assert os.path.isfile(os.path.join(fold, "checkpoint_final.pth"))
+    with open(os.path.join(fold, "privacy_report.json")) as f:
+        rep = json.load(f)
+    assert rep["steps"] == 2 and rep["noise_multiplier"] == 1.0 and not rep["adaptive_clip"]
+    assert rep["epsilon"] == pytest.approx(acct.epsilon([[1.0, rep["sampling_rate"], 2]], 1e-5))
