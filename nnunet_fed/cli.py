@@ -137,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_deployment_commands(sub)
 
+    from nnunet_fed.privacy.audit import add_audit_command
+
+    add_audit_command(sub)
+
     p = sub.add_parser("trainer-path", help="print the folder to put in nnUNet_extTrainer")
     p.set_defaults(func=cmd_trainer_path)
     return parser

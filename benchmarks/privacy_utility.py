@@ -1,0 +1,142 @@
+"""Privacy/utility benchmark on generated ``shift`` data (3 sites, 2d): Dice per site on held-out cases for
+non-private FedAvg, fixed-clip DP-FL (nnUNetTrainerFedDP) and ADP-FL (nnUNetTrainerFedADP) at epsilon 1 and 8
+(delta 1e-5), mean and std over seeds. Each run is ``nnunet_fed simulate``; the global model predicts every
+site's imagesTs with nnU-Net's predictor and nnU-Net's evaluation scores them against labelsTs.
+
+    python3 benchmarks/privacy_utility.py                 # the README table (sized for ~25 min on 2 CPU cores)
+    python3 benchmarks/privacy_utility.py --quick         # smoke run: tiny sites, 1 seed, a minute or two
+    python3 benchmarks/privacy_utility.py --device cuda --num-train 600 --rounds 20 --local-steps 40
+
+Prints a Markdown table and writes every number to ``<workdir>/privacy_utility.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+FIRST_ID = 301
+SITES = 3
+METHODS = [  # (label, trainer, options builder)
+    ("FedAvg (non-private)", "nnUNetTrainerFedAvg", None),
+    ("DP-FL fixed clip", "nnUNetTrainerFedDP", "eps"),
+    ("ADP-FL", "nnUNetTrainerFedADP", "eps"),
+]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default="privacy_utility_bench")
+    p.add_argument("--num-train", type=int, default=300, help="training cases per site")
+    p.add_argument("--num-test", type=int, default=20, help="held-out cases per site")
+    p.add_argument("--size", type=int, default=32, help="image side (pixels)")
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--local-steps", type=int, default=10)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 8.0])
+    p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("-o", "--option", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra option for the DP trainers (e.g. max_grad_norm=1.0)")
+    p.add_argument("--methods", nargs="+", default=None, help="subset of trainers to run")
+    p.add_argument("--quick", action="store_true", help="smoke run: 40 cases per site, 1 seed, 2 rounds x 3 steps")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.num_train, args.num_test, args.rounds, args.local_steps, args.seeds = 40, 5, 2, 3, 1
+    return args
+
+
+def dice_of_sites(model_folder: str, names: list[str], raw: str, out_root: str, device: str) -> dict[str, float]:
+    """Mean foreground Dice (labels 1 and 2) per site on imagesTs, nnU-Net prediction and evaluation."""
+    from nnunet_fed.evaluation import dice_per_label, evaluate_folder, predict_folder
+
+    result = {}
+    for n in names:
+        out = os.path.join(out_root, n)
+        with contextlib.redirect_stdout(io.StringIO()):
+            predict_folder(model_folder, os.path.join(raw, n, "imagesTs"), out, fold=0, device=device,
+                           use_mirroring=False)
+            summary = evaluate_folder(os.path.join(raw, n, "labelsTs"), out, model_folder, num_processes=1)
+        d = dice_per_label(summary)
+        result[n] = float(np.nanmean([d[1], d[2]]))
+    return result
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t_start = time.time()
+    from nnunet_fed.cli import parse_options
+    from nnunet_fed.demo import _set_nnunet_folders
+    from nnunet_fed.sites import find_trainer
+
+    folders = _set_nnunet_folders(args.workdir)
+    os.environ.setdefault("nnUNet_n_proc_DA", "2")
+    methods = [m for m in METHODS if args.methods is None or m[1] in args.methods]
+    for _, trainer, _ in methods:
+        find_trainer(trainer)  # a missing trainer fails here, before any work
+    from nnunet_fed.data.synthetic import make_federated_datasets
+    from nnunet_fed.federation.simulation import SimulationConfig, simulate
+    from nnunet_fed.planning import plan_and_preprocess_sites
+
+    names = make_federated_datasets(first_id=FIRST_ID, num_sites=SITES, scenario="shift", dim=2,
+                                    num_train=args.num_train, num_test=args.num_test, seed=0,
+                                    image_size=(args.size, args.size), overwrite=True)
+    print(f"{SITES} sites x {args.num_train} training cases ({args.size}x{args.size}), planning and preprocessing",
+          flush=True)
+    plan_and_preprocess_sites([FIRST_ID + k for k in range(SITES)], configurations=("2d",))
+
+    runs = []
+    for label, trainer, kind in methods:
+        for eps in ([None] if kind is None else args.epsilons):
+            for seed in range(args.seeds):
+                options = {} if eps is None else {"target_epsilon": str(eps), "target_delta": str(args.delta),
+                                                  **parse_options(args.option)}
+                fed = f"DatasetFed_pu_{trainer}_{'np' if eps is None else f'e{eps:g}'}_s{seed}"
+                t0 = time.time()
+                out = simulate(SimulationConfig(dataset_ids=names, configuration="2d", trainer=trainer,
+                                                rounds=args.rounds, local_steps=args.local_steps, val_steps=1,
+                                                device=args.device, federation_name=fed, seed=1000 + seed,
+                                                fresh=True, final_validation=False, progress=False,
+                                                trainer_options=options))
+                train_s = time.time() - t0
+                dice = dice_of_sites(out["global_model_folder"], names, folders["nnUNet_raw"],
+                                     os.path.join(args.workdir, "predictions", fed), args.device)
+                last = out["metrics"][-1] if out["metrics"] else {}
+                spent = [m.get("epsilon") for m in last.get("sites", {}).values() if m.get("epsilon") is not None]
+                runs.append({"method": label, "trainer": trainer, "target_epsilon": eps, "seed": seed,
+                             "dice": dice, "mean_dice": float(np.mean(list(dice.values()))),
+                             "epsilon_spent": max(spent) if spent else None, "train_seconds": train_s})
+                print(f"{label:22s} eps={eps if eps is not None else '-':>4} seed {seed}: mean Dice "
+                      f"{runs[-1]['mean_dice']:.3f} (sites {', '.join(f'{v:.3f}' for v in dice.values())}), "
+                      f"epsilon spent {runs[-1]['epsilon_spent']}, {train_s:.0f} s", flush=True)
+
+    rows = []
+    for label, trainer, kind in methods:
+        for eps in ([None] if kind is None else args.epsilons):
+            rs = [r for r in runs if r["trainer"] == trainer and r["target_epsilon"] == eps]
+            per_site = {n: (np.mean([r["dice"][n] for r in rs]), np.std([r["dice"][n] for r in rs])) for n in names}
+            means = [r["mean_dice"] for r in rs]
+            rows.append((label, "-" if eps is None else f"{eps:g}",
+                         *[f"{100 * m:.1f} ± {100 * s:.1f}" for m, s in per_site.values()],
+                         f"{100 * np.mean(means):.1f} ± {100 * np.std(means):.1f}"))
+    header = ("method", "epsilon", *[f"site {k}" for k in range(SITES)], "mean")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+    table = "\n".join(lines)
+    print()
+    print(f"Dice (%) on held-out cases, mean ± std over {args.seeds} seed(s); {args.num_train} training cases per "
+          f"site, {args.rounds} rounds x {args.local_steps} local steps, delta {args.delta:g}, device {args.device}")
+    print(table)
+    print(f"total {time.time() - t_start:.0f} s")
+    with open(os.path.join(args.workdir, "privacy_utility.json"), "w") as f:
+        json.dump({"args": vars(args), "runs": runs, "table": table, "seconds": time.time() - t_start}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Privacy audit: the one-run epsilon lower bound, canaries, and end-to-end audits of real nnU-Net training."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from nnunet_fed.privacy.audit import epsilon_lower_bound, guesses_from_scores, p_value_dp, stamp_pattern, write_canary
+
+
+def test_perfect_guesses_match_closed_form():
+    """delta = 0, every guess right: P[Bin(r, q) = r] = q^r = 1 - confidence gives eps = log(q / (1 - q))."""
+    for r in (8, 32, 100):
+        q = 0.05 ** (1.0 / r)
+        assert epsilon_lower_bound(r, r, r, 0.0, 0.95) == pytest.approx(math.log(q / (1 - q)), rel=1e-6)
+    assert epsilon_lower_bound(32, 32, 32, 0.0, 0.95) == pytest.approx(2.3214, abs=1e-3)
+
+
+def test_bound_matches_binomial_tail():
+    """Pure DP: the bound is where the upper binomial tail of v correct guesses crosses 1 - confidence."""
+    from scipy import stats
+
+    m, r, v = 200, 100, 80
+    eps = epsilon_lower_bound(m, r, v, 0.0, 0.95)
+    q = 1 / (1 + math.exp(-eps))
+    assert stats.binom.sf(v - 1, r, q) == pytest.approx(0.05, rel=1e-4)
+
+
+def test_bound_is_monotone_and_zero_for_chance():
+    m = r = 100
+    bounds = [epsilon_lower_bound(m, r, v, 1e-5) for v in range(40, 101, 5)]
+    assert all(a <= b for a, b in zip(bounds, bounds[1:])) and bounds[-1] > bounds[0]
+    assert epsilon_lower_bound(m, r, 50, 1e-5) == 0.0  # half right: what random guessing gives
+    assert epsilon_lower_bound(m, r, 58, 1e-5) == 0.0  # within chance at 95 %
+    # more canaries, same accuracy: a higher bound; a larger delta or confidence: a lower / higher one
+    assert epsilon_lower_bound(1000, 1000, 900, 1e-5) > epsilon_lower_bound(100, 100, 90, 1e-5)
+    assert epsilon_lower_bound(100, 100, 95, 1e-2) < epsilon_lower_bound(100, 100, 95, 0.0)
+    assert epsilon_lower_bound(100, 100, 95, 0.0, 0.99) < epsilon_lower_bound(100, 100, 95, 0.0, 0.9)
+
+
+def test_random_guessing_rarely_exceeds_any_epsilon():
+    """Scores independent of membership: the bound is 0 in (about) 95 % or more of trials."""
+    rng = np.random.default_rng(0)
+    m, trials = 64, 400
+    positive = 0
+    for _ in range(trials):
+        members = rng.random(m) < 0.5
+        r, v = guesses_from_scores(rng.normal(size=m), members)
+        positive += epsilon_lower_bound(m, r, v, 1e-5) > 0
+    assert positive / trials <= 0.08
+
+
+def test_p_value_and_guess_checks():
+    assert p_value_dp(10, 10, 0, 1.0, 0.0) == 1.0
+    with pytest.raises(ValueError):
+        p_value_dp(10, 12, 5, 1.0, 0.0)
+    scores = [5, 4, 3, 2, 1, 0]
+    assert guesses_from_scores(scores, [1, 1, 1, 0, 0, 0]) == (6, 6)
+    assert guesses_from_scores(scores, [0, 0, 0, 1, 1, 1]) == (6, 0)
+    assert guesses_from_scores(scores, [1, 0, 1, 0, 1, 0], num_guesses=2) == (2, 2)
+
+
+def test_canary_stamp_and_label(tmp_path):
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(0)
+    box, pattern = stamp_pattern((1, 32, 48), rng)
+    assert box[0] == slice(0, 1) and pattern.shape == (1, 10, 16) and set(np.unique(pattern)) == {-1.0, 1.0}
+    img = np.random.default_rng(1).normal(100, 10, size=(32, 32)).astype(np.float32)
+    seg = np.zeros((32, 32), np.uint8)
+    seg[8:20, 8:20] = 1
+    for arr, name in ((img, "img_0000.nii.gz"), (seg, "seg.nii.gz")):
+        sitk.WriteImage(sitk.GetImageFromArray(arr), str(tmp_path / name))
+    values = set()
+    for i in range(8):
+        v = write_canary([str(tmp_path / "img_0000.nii.gz")], str(tmp_path / "seg.nii.gz"), str(tmp_path / f"c{i}"),
+                         str(tmp_path / f"c{i}"), ".nii.gz", [0, 1, 2], rng)
+        values.add(v)
+        cimg = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"c{i}_0000.nii.gz")))
+        cseg = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"c{i}.nii.gz")))
+        changed = cimg != img
+        # the stamp: a box of +-3 std, labelled v; the rest of the case unchanged
+        assert changed.sum() >= 90 and np.allclose(np.abs(cimg[changed] - img.mean()), 3 * img.std(), rtol=1e-4)
+        assert (cseg[changed] == v).all() and (cseg[~changed] == seg[~changed]).all()
+    assert values == {1, 2}  # the stamp's label is random among the foreground labels
+
+
+AUDIT_TRAINING = ["--rounds", "8", "--local-steps", "25"]
+
+
+def _audit(site_env, tmp_path, name, *extra):
+    from conftest import nnunet_fed_cmd, run_cli
+
+    out = str(tmp_path / f"{name}.json")
+    env = {**site_env["env"], "nnUNet_n_proc_DA": "0"}
+    run_cli(nnunet_fed_cmd() + ["audit", "-d", site_env["ids"][0], "-c", "2d", "--canaries", "32",
+                                "--device", "cpu", "--no-progress", "--output", out, *extra], env, timeout=1800)
+    with open(out) as f:
+        return json.load(f)
+
+
+def test_audit_of_non_private_training_shows_leakage(site_env, tmp_path):
+    rep = _audit(site_env, tmp_path, "plain", "--audit-id", "980", *AUDIT_TRAINING)
+    assert rep["accounted_epsilon"] is None and rep["canaries"] == 32
+    # the canaries the model trained on are the ones it fits: a clearly positive lower bound
+    assert rep["mean_member_loss"] < rep["mean_nonmember_loss"]
+    assert rep["epsilon_lower_bound"] > 0.5, rep["epsilon_lower_bound"]
+    # excluded canaries never reached the training data
+    pre = os.path.join(site_env["env"]["nnUNet_preprocessed"], rep["audit_dataset"])
+    with open(os.path.join(pre, "splits_final.json")) as f:
+        train = set(json.load(f)[0]["train"])
+    for c in rep["canary_table"]:
+        assert (c["id"] in train) == c["member"]
+
+
+def test_audit_of_client_level_dp_stays_below_accounted_epsilon(site_env, tmp_path):
+    rep = _audit(site_env, tmp_path, "clientdp", "--audit-id", "981", "-tr", "nnUNetTrainerFedAvgClientDP",
+                 "-o", "client_target_epsilon=2", "-o", "client_clip=1", *AUDIT_TRAINING)
+    assert rep["accounted_epsilon"] is not None and rep["accounted_epsilon"] <= 2.0
+    assert rep["accounted_source"].startswith("client-level")
+    assert rep["epsilon_lower_bound"] <= rep["accounted_epsilon"] and rep["consistent"]
