@@ -89,7 +89,7 @@ def cmd_server(args) -> int:
     try:
         launch.wait_for_port(args.host, port, 120, superlink)
         if args.auth_supernode_keys:
-            launch.register_supernode_keys(flwr_home, args.auth_supernode_keys)
+            launch.register_supernode_keys(flwr_home, [os.path.abspath(k) for k in args.auth_supernode_keys])
         print(f"SuperLink listening on {args.host}:{port} (log: {superlink.log_path}); sites join with:\n"
               f"  nnunet_fed site join --superlink <this host>:{port} -d <dataset> -c {run.configuration} "
               f"-tr {run.trainer}{' --insecure' if tls.insecure else ' --root-certificates <ca.pem>'}", flush=True)
@@ -139,7 +139,8 @@ def cmd_site_join(args) -> int:
     if args.device:
         node_config["device"] = args.device
     port = args.runtime_port or launch.free_port()
-    cmd = launch.supernode_command(args.superlink, port, node_config, tls, args.auth_supernode_private_key)
+    key = os.path.abspath(args.auth_supernode_private_key) if args.auth_supernode_private_key else None
+    cmd = launch.supernode_command(args.superlink, port, node_config, tls, key)
     print(f"site {name}: joining {args.superlink} ({args.configuration}, {args.trainer})", flush=True)
     _on_signal_exit()
     node = launch.FlowerProcess(f"SuperNode {name}", cmd, args.log_file, new_session=False)

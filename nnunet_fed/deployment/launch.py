@@ -53,6 +53,11 @@ class TLS:
     keyfile: str | None = None  # SuperLink: its private key
     ca_certfile: str | None = None  # CA that signed the SuperLink's certificate (sites and flwr run verify with it)
 
+    def __post_init__(self):
+        for n in ("certfile", "keyfile", "ca_certfile"):
+            if getattr(self, n):
+                setattr(self, n, os.path.abspath(getattr(self, n)))
+
     def check(self, side: str) -> None:
         if self.insecure:
             return
