@@ -26,6 +26,7 @@ setup(
     packages=find_packages(include=["nnunet_fed", "nnunet_fed.*"])
     + ["nnunet_fed.trainers", "nnunet_fed.plans"],
     package_dir={"nnunet_fed.trainers": "trainers", "nnunet_fed.plans": "plans"},
+    package_data={"nnunet_fed.deployment": ["app/pyproject.toml"]},  # the Flower app (flwr run)
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": ["pytest>=7", "dp-accounting>=0.4"]},
     entry_points={"console_scripts": ["nnunet_fed=nnunet_fed.cli:main"]},
