@@ -9,9 +9,10 @@ Method (Steinke, Nasr and Jagielski 2023, "Privacy auditing with one (1) trainin
    its canaries are written as a new nnU-Net dataset (``Dataset<ID>_<site>Audit``), preprocessed by nnU-Net
    with the site's own plans; the excluded canaries are preprocessed the same way and kept aside;
 3. train with the chosen trainer (``nnunet_fed simulate``: the audited site plus any other sites);
-4. score every canary by the released (global) model's cross-entropy on its stamp (nnU-Net's predictor,
-   sliding window on the preprocessed case, no test-time mirroring); low loss = "member";
-5. guess the ``k`` lowest-loss canaries as members and the ``k`` highest as non-members, count the correct
+4. score every canary by the released (global) model's log-odds of the stamp's label against the labels it
+   was drawn from, on the stamp (nnU-Net's predictor, sliding window on the preprocessed case, no test-time
+   mirroring); high = "member";
+5. guess the ``k`` highest-scoring canaries as members and the ``k`` highest as non-members, count the correct
    guesses ``v`` of ``r = 2k``, and report the largest epsilon for which ``v`` or more correct guesses would
    have probability below 1 - confidence under (epsilon, delta)-DP (the paper's Theorem 3 / Algorithm 2).
 
@@ -107,11 +108,12 @@ def stamp_pattern(shape: tuple, rng: np.random.Generator, blocks: int = 3) -> tu
 
 
 def write_canary(image_files: list[str], label_file: str, image_out: str, label_out: str, ending: str,
-                 labels: list[int], rng: np.random.Generator) -> int:
+                 labels: list[int], rng: np.random.Generator) -> tuple[int, list[int]]:
     """A canary: a copy of one case with a random block pattern stamped into every channel (mean +- 3 std of
     that channel) and labelled, in the stamp's box only, with a label drawn at random (among the foreground
     labels; with one foreground label, foreground or background). Image and label are unrelated, so a model
-    predicts the stamp's label only if it memorised this case. Returns the stamp's label."""
+    predicts the stamp's label only if it memorised this case. Returns the stamp's label and the labels it
+    was drawn from."""
     import SimpleITK as sitk
 
     try:
@@ -136,7 +138,7 @@ def write_canary(image_files: list[str], label_file: str, image_out: str, label_
         new = sitk.GetImageFromArray(arr)
         new.CopyInformation(img)
         sitk.WriteImage(new, f"{image_out}_{c:04d}{ending}", True)
-    return value
+    return value, [int(x) for x in choice]
 
 
 @dataclass
@@ -227,9 +229,10 @@ def make_audit_dataset(cfg: AuditConfig, site_name: str) -> dict:
     table = []
     for i in range(m):
         cid, src = f"{CANARY_PREFIX}{i:04d}", real[int(sources[i])]
-        write_canary(cases[src]["images"], cases[src]["label"], os.path.join(raw, "imagesTr", cid), 
-                     os.path.join(raw, "labelsTr", cid), ending, labels, rng)
-        table.append({"id": cid, "source": src, "member": bool(members[i])})
+        value, choices = write_canary(cases[src]["images"], cases[src]["label"], os.path.join(raw, "imagesTr", cid),
+                                      os.path.join(raw, "labelsTr", cid), ending, labels, rng)
+        table.append({"id": cid, "source": src, "member": bool(members[i]), "stamp_label": value,
+                      "choices": choices})
     dj_audit = {k: v for k, v in dj.items() if k != "dataset"}
     dj_audit["numTraining"] = len(real) + m
     with open(os.path.join(raw, "dataset.json"), "w") as f:
@@ -267,7 +270,8 @@ def make_audit_dataset(cfg: AuditConfig, site_name: str) -> dict:
 # ---------------------------------------------------------------------- scoring
 def score_canaries(model_folder: str, fold, canaries: list[dict], data_folder: str, nonmember_folder: str,
                    device: str = "cpu") -> list[float]:
-    """Membership score of each canary: minus the model's mean cross-entropy on its stamp (nnU-Net's predictor)."""
+    """Membership score of each canary: the model's mean log-odds of the stamp's label against the other labels
+    it was drawn from, over the stamp (nnU-Net's predictor on the preprocessed case)."""
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
@@ -291,14 +295,20 @@ def score_canaries(model_folder: str, fold, canaries: list[dict], data_folder: s
         seg = torch.from_numpy(np.asarray(seg[:], dtype=np.int64))
         with torch.no_grad():
             logits = predictor.predict_logits_from_preprocessed_data(data).float()
-        ce = torch.nn.functional.cross_entropy(logits[None], seg, ignore_index=-1, reduction="none")[0]
+        logp = torch.log_softmax(logits, 0)
         # the stamp: where the canary's label differs from its source case (same preprocessing, same grid)
         src = infer_dataset_class(data_folder)(data_folder, identifiers=[t["source"]]).load_case(t["source"])[1]
         src = torch.from_numpy(np.asarray(src[:], dtype=np.int64))
-        region = (src != seg)[0] if src.shape == seg.shape else torch.ones_like(ce, dtype=torch.bool)
-        if not region.any():  # the stamp's label equals what was there: score the whole case
-            region = torch.ones_like(ce, dtype=torch.bool)
-        scores.append(-float(ce[region].mean()))
+        region = (src != seg)[0] if src.shape == seg.shape else None
+        if region is None or not region.any():  # cannot locate the stamp: minus the whole case's cross-entropy
+            ce = torch.nn.functional.cross_entropy(logits[None], seg, ignore_index=-1)
+            scores.append(-float(ce))
+            continue
+        # log-odds of the stamp's label against the other labels it could have had: the model's general
+        # preference among them does not depend on membership and cancels out
+        others = [c for c in t["choices"] if c != t["stamp_label"]]
+        odds = logp[t["stamp_label"]] - torch.logsumexp(logp[others], 0)
+        scores.append(float(odds[region].mean()))
     return scores
 
 
@@ -377,8 +387,8 @@ def run_audit(cfg: AuditConfig, output: str | None = None) -> dict:
         "epsilon_lower_bound": bound,
         "accounted_epsilon": privacy["epsilon"], "accounted_source": privacy["source"],
         "consistent": privacy["epsilon"] is None or bound <= privacy["epsilon"],
-        "mean_member_loss": -float(np.mean(member_scores)) if member_scores else None,
-        "mean_nonmember_loss": -float(np.mean(other_scores)) if other_scores else None,
+        "mean_member_score": float(np.mean(member_scores)) if member_scores else None,
+        "mean_nonmember_score": float(np.mean(other_scores)) if other_scores else None,
         "model": model,
         "canary_table": [dict(t, score=s) for t, s in zip(ds["canaries"], scores)],
         "config": asdict(cfg),
@@ -396,7 +406,7 @@ def format_report(rep: dict) -> str:
         f"privacy audit of {rep['trainer']} at site {rep['site']} ({rep['canaries']} canaries, "
         f"{rep['members']} trained on)",
         f"  membership guesses: {rep['correct']} of {rep['guesses']} correct "
-        f"(mean loss members {rep['mean_member_loss']:.3f}, non-members {rep['mean_nonmember_loss']:.3f})",
+        f"(mean score members {rep['mean_member_score']:.3f}, non-members {rep['mean_nonmember_score']:.3f})",
         f"  empirical epsilon lower bound ({rep['confidence']:.0%} confidence, delta {rep['delta']:g}): "
         f"{rep['epsilon_lower_bound']:.3f}",
         f"  accounted epsilon: {'none (no differential privacy)' if acc is None else f'{acc:.3f}'}"
