@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Personalisation benchmark on generated ``organs`` data: Dice and HD95 per site, five methods, several seeds.
 
-    python benchmarks/personalization.py [--seeds 0 1 2] [--rounds 5] [--local-steps 20] [--finetune-steps 30]
-                                         [--num-train 24] [--num-test 10] [--size 32] [--workdir DIR] [--quick]
+    python benchmarks/personalization.py [--seeds 0 1 2] [--rounds 4] [--local-steps 10] [--finetune-steps 20]
+                                         [--num-train 24] [--num-test 8] [--size 32] [--workdir DIR] [--quick] [--report]
 
 Data: ``nnunet_fed make-data --scenario organs`` (3 sites, each its own organ shape family and tumour
 appearance, plus scanner differences), 2D, ``--size`` pixels square, planned and preprocessed per site by
@@ -255,17 +255,23 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default="/tmp/nnunet_fed_personalization")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--local-steps", type=int, default=20)
-    p.add_argument("--finetune-steps", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--local-steps", type=int, default=10)
+    p.add_argument("--finetune-steps", type=int, default=20)
     p.add_argument("--finetune-lr", type=float, default=1e-3)
     p.add_argument("--num-train", type=int, default=24)
-    p.add_argument("--num-test", type=int, default=10)
+    p.add_argument("--num-test", type=int, default=8)
     p.add_argument("--size", type=int, default=32, help="image side in pixels")
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 2 rounds x 3 steps, 3 fine-tuning steps")
+    p.add_argument("--data-only", action="store_true", help="write and plan the data, then stop")
+    p.add_argument("--report", action="store_true",
+                   help="print the tables of every personalization_results_*.json in --workdir (runs of several "
+                        "processes, e.g. one per seed) and stop")
     args = p.parse_args(argv)
+    if args.report:
+        return report(os.path.abspath(args.workdir))
     if args.quick:
         args.seeds, args.rounds, args.local_steps, args.finetune_steps = args.seeds[:1], 2, 3, 3
         args.num_train, args.num_test = 10, 3
@@ -274,7 +280,6 @@ def main(argv=None) -> int:
     for var in ("nnUNet_raw", "nnUNet_preprocessed"):
         os.environ[var] = os.path.join(work, var)
         os.makedirs(os.environ[var], exist_ok=True)
-    os.environ.setdefault("nnUNet_n_proc_DA", "0")  # augmentation in-process: reproducible, no worker start-up
 
     from nnunet_fed.data.synthetic import make_federated_datasets
     from nnunet_fed.planning import plan_and_preprocess_sites
@@ -293,23 +298,53 @@ def main(argv=None) -> int:
         plan_and_preprocess_sites([FIRST_ID + k for k in range(SITES)], configurations=("2d",))
         with open(spec_file, "w") as f:
             json.dump(spec, f)
+    # training: augmentation in-process (reproducible, no worker start-up; nnU-Net's planner needs it >= 1)
+    os.environ.setdefault("nnUNet_n_proc_DA", "0")
     print(f"data ready ({time.time() - t_start:.0f} s); per site and method: {args.rounds} rounds x "
           f"{args.local_steps} steps + {args.finetune_steps} fine-tuning steps (lr {args.finetune_lr})", flush=True)
 
+    if args.data_only:
+        return 0
     runs = []
+    results_file = os.path.join(work, f"personalization_results_seed{'_'.join(map(str, args.seeds))}.json")
     for seed in args.seeds:
         t0 = time.time()
         runs.append(run_seed(seed, names, args, work))
         print(f"seed {seed}: {time.time() - t0:.0f} s "
               f"({', '.join(f'{k} {v:.0f} s' for k, v in runs[-1]['seconds'].items())})", flush=True)
-        with open(os.path.join(work, "personalization_results.json"), "w") as f:
+        with open(results_file, "w") as f:
             json.dump({"args": vars(args), "sites": names, "runs": runs}, f, indent=1)
     print()
-    print(f"organs data, {len(runs)} seed(s), {args.rounds} rounds x {args.local_steps} local steps, "
-          f"{args.finetune_steps} fine-tuning steps, {args.num_train} training cases per site "
-          f"(80 % used: nnU-Net fold 0), {args.num_test} test patients per site")
+    print(_describe(vars(args), len(runs)))
     print(tables(runs, names))
-    print(f"\ntotal {time.time() - t_start:.0f} s; results: {os.path.join(work, 'personalization_results.json')}")
+    print(f"\ntotal {time.time() - t_start:.0f} s; results: {results_file}")
+    return 0
+
+
+def _describe(a: dict, num_runs: int) -> str:
+    return (f"organs data ({a['size']}x{a['size']}), {num_runs} seed(s), {a['rounds']} rounds x {a['local_steps']} "
+            f"local steps, {a['finetune_steps']} fine-tuning steps (lr {a['finetune_lr']}), {a['num_train']} training "
+            f"cases per site (80 % used: nnU-Net fold 0), {a['num_test']} test patients per site")
+
+
+def report(work: str) -> int:
+    import glob
+
+    runs, names, args = {}, None, None
+    for path in sorted(glob.glob(os.path.join(work, "personalization_results_*.json"))):
+        with open(path) as f:
+            data = json.load(f)
+        names, args = data["sites"], data["args"]
+        for r in data["runs"]:
+            runs[r["seed"]] = r
+    if not runs:
+        print(f"no personalization_results_*.json in {work}")
+        return 1
+    ordered = [runs[s] for s in sorted(runs)]
+    print(_describe(args, len(ordered)) + f"; seeds {sorted(runs)}")
+    print(tables(ordered, names))
+    for r in ordered:
+        print(f"seed {r['seed']}: " + ", ".join(f"{k} {v:.0f} s" for k, v in r["seconds"].items()))
     return 0
 
 
