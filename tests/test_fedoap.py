@@ -86,6 +86,18 @@ def test_local_parameters_cover_every_alias():
     assert any(".all_modules." in k and k.startswith("dca.query_branch.") for k in kept)
 
 
+def test_adapter_only_before_the_final_head_and_unsupported_networks():
+    net = wrap_unet(_unet(2), adapters="final")
+    kinds = [isinstance(layer, AdaptedHead) for layer in net.decoder.seg_layers]
+    assert kinds == [False] * (len(kinds) - 1) + [True]
+    outputs = net(torch.randn(1, 1, 16, 16))
+    assert [o.shape[-1] for o in outputs] == [16, 8]
+    with pytest.raises(ValueError, match="PlainConvUNet or ResidualEncoderUNet"):
+        wrap_unet(torch.nn.Conv2d(1, 3, 1))
+    with pytest.raises(ValueError, match="adapters must be one of"):
+        wrap_unet(_unet(2), adapters="some")
+
+
 # ----------------------------------------------------------------------------------------------- PBL
 def _dc_ce(ds=True):
     loss = DC_and_CE_loss({"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": False}, {}, weight_ce=1,
