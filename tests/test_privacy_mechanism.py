@@ -212,3 +212,28 @@ def test_plain_nnunetv2_train_with_dp(site_env):
         rep = json.load(f)
     assert rep["steps"] == 2 and rep["noise_multiplier"] == 1.0 and not rep["adaptive_clip"]
     assert rep["epsilon"] == pytest.approx(acct.epsilon([[1.0, rep["sampling_rate"], 2]], 1e-5))
+
+
+def test_sanitizer_noise_once_per_logical_step_and_empty_batch():
+    """Physical batches accumulate into one clipped sum; the division is by the expected batch; an empty
+    logical batch releases noise only."""
+    from nnunet_fed.privacy.sanitizer import DPSanitizer
+
+    net, x, ys, loss, psl = _case("plain", 2, 4, seed=2)
+    clipper = PerSampleClipper(net)
+    whole, _, _ = clipper.clipped_sum(x, psl, 0.02)
+
+    def part(lo, hi):
+        return x[lo:hi], lambda out: torch.stack([loss([o[j:j + 1] for o in out], [y[lo + j:lo + j + 1] for y in ys])
+                                                  for j in range(hi - lo)])
+    sanitizer = DPSanitizer(clipper)
+    out = sanitizer.step([part(0, 3), part(3, 4)], clip=0.02, noise_std=0.0, expected_batch=2.5)
+    assert out["sampled"] == 4
+    for p in clipper.parameters:
+        torch.testing.assert_close(p.grad, whole[p] / 2.5)
+    torch.manual_seed(0)
+    sanitizer.step([], clip=0.02, noise_std=0.3, expected_batch=2.5)
+    g = torch.cat([p.grad.flatten() for p in clipper.parameters])
+    assert float(g.std() * 2.5) == pytest.approx(0.3, rel=0.05)
+    with pytest.raises(ValueError, match="L1 clipping"):
+        DPSanitizer(clipper, "laplace")

@@ -38,6 +38,7 @@ from nnunet_fed.privacy import accountant as acct
 from nnunet_fed.privacy.adaptive import AdaptiveClip
 from nnunet_fed.privacy.per_sample import PerSampleClipper
 from nnunet_fed.privacy.sampling import PoissonCaseLoader, split_batch
+from nnunet_fed.privacy.sanitizer import DPSanitizer
 
 STATE_KEY = "dp_state"
 
@@ -80,6 +81,7 @@ class nnUNetTrainerDPBase(nnUNetTrainerFederated):
         if o["sampling_rate"] is not None and o["expected_batch_size"] is not None:
             raise acct.BudgetError("set sampling_rate or expected_batch_size, not both")
         self.dp_clipper = PerSampleClipper(self.plain_network, norm_type=1.0 if self.dp_mechanism == "laplace" else 2.0)
+        self.dp_sanitizer = DPSanitizer(self.dp_clipper, self.dp_mechanism)
         self.dp_clip = float(o["max_grad_norm"])
         self.dp_history: list[list] = []
         self.dp_steps = 0
@@ -186,27 +188,21 @@ class nnUNetTrainerDPBase(nnUNetTrainerFederated):
         return losses
 
     def train_step(self, batch: dict) -> dict:
-        sampled = len(batch["keys"])
         self.optimizer.zero_grad(set_to_none=True)
         clip = self.dp_clip
-        acc: dict = {}
-        unclipped, loss_sum = 0, 0.0
-        if sampled:
-            for data, target in split_batch(batch, self.batch_size):
+
+        def physical_batches():
+            for data, target in split_batch(batch, self.batch_size) if batch["keys"] else ():
                 data = data.to(self.device, non_blocking=True)
                 target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
                     else target.to(self.device, non_blocking=True)
-                acc, norms, losses = self.dp_clipper.clipped_sum(data, self._per_sample_losses(target), clip, acc)
-                unclipped += int((norms <= clip).sum())
-                loss_sum += float(losses.sum())
+                yield data, self._per_sample_losses(target)
+
         sigma = self._round_sigma()
         count_noise = self.dp_adaptive.count_noise_multiplier if self.dp_adaptive else None
-        scale = self._split_noise(sigma, count_noise) * clip
-        for p in self.dp_clipper.parameters:
-            total = acc.get(p)
-            noise = (torch.distributions.Laplace(0.0, scale).sample(p.shape).to(p.device, p.dtype)
-                     if self.dp_mechanism == "laplace" else torch.normal(0.0, scale, p.shape, device=p.device, dtype=p.dtype))
-            p.grad = ((total + noise) if total is not None else noise) / self.dp_expected_batch
+        out = self.dp_sanitizer.step(physical_batches(), clip, self._split_noise(sigma, count_noise) * clip,
+                                     self.dp_expected_batch)
+        sampled, unclipped, loss_sum = out["sampled"], out["unclipped"], out["loss_sum"]
         self.optimizer.step()
         if self.dp_adaptive is not None:
             self.dp_clip = self.dp_adaptive.update(unclipped, sampled, self.dp_expected_batch)

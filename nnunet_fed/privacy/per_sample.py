@@ -17,7 +17,8 @@ The step (``PerSampleClipper.clipped_sum``):
    sees the gradient of the value before the in-place change);
 2. backward of ``sum_i loss_i`` to the activations only (parameters do not require grad during the pass, so no
    weight gradient is computed twice);
-3. per-sample gradient norms, layer by layer (each layer's per-sample gradients are freed right away);
+3. per-sample gradient norms, layer by layer (each layer's per-sample gradients are freed right away; for 2d
+   convolutions on small feature maps the norm comes from the "ghost" identity without forming them);
 4. clip factors ``c_i = min(1, C / ||g_i||)``;
 5. the clipped sum ``sum_i c_i g_i`` of every parameter as one batched weight gradient with the output gradients
    scaled by ``c_i`` (an ordinary weight-gradient computation).
@@ -121,10 +122,14 @@ class PerSampleClipper:
         batch = data.shape[0]
         sq = torch.zeros(batch, dtype=torch.float64, device=data.device)
         for module, inp, grad in records:
-            if grad is not None:
-                for g in self._per_sample(module, inp, grad):
-                    g = g.flatten(1).double()
-                    sq += g.pow(2).sum(1) if self.norm_type == 2 else g.abs().sum(1)
+            if grad is None:
+                continue
+            if self.norm_type == 2 and self._ghost_is_cheaper(module, inp, grad):
+                sq += self._conv_ghost_sq_norms(module, inp, grad)
+                continue
+            for g in self._per_sample(module, inp, grad):
+                n = torch.linalg.vector_norm(g.flatten(1), ord=self.norm_type, dim=1).double()
+                sq += n * n if self.norm_type == 2 else n
         norms = sq.sqrt() if self.norm_type == 2 else sq
         factors = (max_norm / (norms + 1e-6)).clamp(max=1.0).to(data.dtype)
         acc = accumulate_into if accumulate_into is not None else {}
@@ -165,6 +170,25 @@ class PerSampleClipper:
         if module.bias is not None and module.bias.requires_grad:
             out.append(grad.sum(dims))
         return out
+
+    @staticmethod
+    def _ghost_is_cheaper(module, inp, grad) -> bool:
+        """Ghost norm (Goodfellow 2015; Li et al. 2022) for 2d convolutions where the feature map is small:
+        ``||sum_t g_t a_t^T||^2 = sum_{t,s} (g_t . g_s)(a_t . a_s)`` costs T^2 (D + C_out) instead of T D C_out."""
+        if not isinstance(module, nn.Conv2d) or module.groups != 1 or isinstance(module.padding, str):
+            return False
+        positions = grad.shape[2] * grad.shape[3]
+        d = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+        return positions * (d + module.out_channels) < 0.5 * d * module.out_channels
+
+    @staticmethod
+    def _conv_ghost_sq_norms(module, inp, grad) -> torch.Tensor:
+        a = nn.functional.unfold(inp, module.kernel_size, module.dilation, module.padding, module.stride)  # (B, D, T)
+        g = grad.flatten(2)  # (B, C_out, T)
+        sq = ((a.transpose(1, 2) @ a) * (g.transpose(1, 2) @ g)).sum((1, 2)).double()
+        if module.bias is not None and module.bias.requires_grad:
+            sq += g.sum(2).double().pow(2).sum(1)
+        return sq
 
     @staticmethod
     def _conv_weight_per_sample(module: _ConvNd, inp, grad) -> torch.Tensor:

@@ -1,0 +1,125 @@
+"""DP-SGD step time against nnU-Net's plain training step, at the same batch size.
+
+Networks are built as nnU-Net plans them (``get_network_from_plans`` with the architecture nnU-Net's planner gives)
+for a 2d configuration (64x64 patches, batch 24, PlainConvUNet 5 stages 32..512) and a 3d_fullres configuration
+(48x64x64 patches, batch 2, 5 stages 32..320); ``--resenc`` uses ResidualEncoderUNet. Both steps use nnU-Net's loss
+(Dice + CE with deep supervision) on random data and SGD as nnU-Net configures it:
+
+- plain: nnU-Net's ``train_step`` body (forward, loss, backward, clip_grad_norm_(12), optimizer step);
+- DP: ``DPSanitizer.step`` (exact per-case gradients, clip, sum, Gaussian noise, divide) + optimizer step.
+
+Plain and DP steps alternate (so both see the same machine load) and the ratio of medians is printed.
+
+    python3 benchmarks/dp_step.py [--reps 5] [--configs 2d 3d_fullres] [--resenc] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import numpy as np
+import torch
+from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+from nnunet_fed.privacy.per_sample import PerSampleClipper
+from nnunet_fed.privacy.sanitizer import DPSanitizer
+
+CONFIGS = {
+    # name: (patch, batch, features, strides, batch_dice) as nnU-Net's planner sets them for such data
+    "2d": ((64, 64), 24, [32, 64, 128, 256, 512], [[1, 1]] + [[2, 2]] * 4, True),
+    "3d_fullres": ((48, 64, 64), 2, [32, 64, 128, 256, 320],
+                   [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]], False),
+}
+
+
+def build(config: str, resenc: bool, num_classes: int = 3):
+    patch, batch, feats, strides, batch_dice = CONFIGS[config]
+    dim = len(patch)
+    n = len(feats)
+    conv = f"torch.nn.modules.conv.Conv{dim}d"
+    norm = f"torch.nn.modules.instancenorm.InstanceNorm{dim}d"
+    kwargs = {"n_stages": n, "features_per_stage": feats, "conv_op": conv, "kernel_sizes": [[3] * dim] * n,
+              "strides": strides, "n_conv_per_stage_decoder": [1 if resenc else 2] * (n - 1), "conv_bias": True,
+              "norm_op": norm, "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None,
+              "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}}
+    if resenc:
+        arch = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+        kwargs["n_blocks_per_stage"] = [1, 3, 4, 6, 6][:n]
+    else:
+        arch = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
+        kwargs["n_conv_per_stage"] = [2] * n
+    net = get_network_from_plans(arch, kwargs, ["conv_op", "norm_op", "dropout_op", "nonlin"], 1, num_classes,
+                                 allow_init=True, deep_supervision=True)
+    x = torch.randn(batch, 1, *patch)
+    with torch.no_grad():
+        outs = net(x)
+    targets = [torch.randint(0, num_classes, (batch, 1, *o.shape[2:])).float() for o in outs]
+    weights = np.array([1 / 2 ** i for i in range(len(outs))])
+    weights[-1] = 0
+    loss = DeepSupervisionWrapper(DC_and_CE_loss({"batch_dice": batch_dice, "smooth": 1e-5, "do_bg": False,
+                                                  "ddp": False}, {}, weight_ce=1, weight_dice=1, ignore_label=None,
+                                                 dice_class=MemoryEfficientSoftDiceLoss), weights / weights.sum())
+    return net, x, targets, loss
+
+
+def run(config: str, reps: int, resenc: bool) -> dict:
+    torch.manual_seed(0)
+    net, x, targets, loss = build(config, resenc)
+    opt = torch.optim.SGD(net.parameters(), 1e-2, weight_decay=3e-5, momentum=0.99, nesterov=True)
+    sanitizer = DPSanitizer(PerSampleClipper(net))
+    batch = x.shape[0]
+
+    def plain():
+        opt.zero_grad(set_to_none=True)
+        l = loss(net(x), targets)
+        l.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
+        opt.step()
+
+    def per_sample_losses(out):
+        return torch.stack([loss([o[i:i + 1] for o in out], [t[i:i + 1] for t in targets]) for i in range(batch)])
+
+    def dp():
+        opt.zero_grad(set_to_none=True)
+        sanitizer.step([(x, per_sample_losses)], clip=1.0, noise_std=1.0, expected_batch=float(batch))
+        opt.step()
+
+    plain(), dp()  # warm-up
+    tp, td = [], []
+    for _ in range(reps):
+        for fn, out in ((plain, tp), (dp, td)):
+            t = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
+    return {"plain_s": statistics.median(tp), "dp_s": statistics.median(td),
+            "ratio": statistics.median(td) / statistics.median(tp),
+            "params_M": sum(p.numel() for p in net.parameters()) / 1e6, "batch": batch}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--resenc", action="store_true", help="ResidualEncoderUNet instead of PlainConvUNet")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    arch = "ResidualEncoderUNet" if args.resenc else "PlainConvUNet"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f} "
+          f"on {os.cpu_count()} CPUs, {arch}")
+    targets = {"2d": 2.0, "3d_fullres": 1.3}
+    for config in args.configs:
+        r = run(config, args.reps, args.resenc)
+        print(f"{config:11s} batch {r['batch']:2d}  {r['params_M']:.1f}M params  plain {r['plain_s']:.3f} s  "
+              f"DP {r['dp_s']:.3f} s  DP/plain {r['ratio']:.2f} (target <= {targets[config]})", flush=True)
+    print(f"load average at the end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
