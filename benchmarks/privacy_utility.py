@@ -89,7 +89,10 @@ def main(argv=None) -> int:
                                     image_size=(args.size, args.size), overwrite=True)
     print(f"{SITES} sites x {args.num_train} training cases ({args.size}x{args.size}), planning and preprocessing",
           flush=True)
+    n_proc = os.environ["nnUNet_n_proc_DA"]
+    os.environ["nnUNet_n_proc_DA"] = str(max(1, int(n_proc)))  # nnU-Net's planner fails with 0
     plan_and_preprocess_sites([FIRST_ID + k for k in range(SITES)], configurations=("2d",))
+    os.environ["nnUNet_n_proc_DA"] = n_proc
 
     runs = []
     for label, trainer, kind in methods:

@@ -117,7 +117,7 @@ def test_audit_of_non_private_training_shows_leakage(site_env, tmp_path):
 
 def test_audit_of_client_level_dp_stays_below_accounted_epsilon(site_env, tmp_path):
     rep = _audit(site_env, tmp_path, "clientdp", "--audit-id", "981", "-tr", "nnUNetTrainerFedAvgClientDP",
-                 "-o", "client_target_epsilon=2", "-o", "client_clip=1", *AUDIT_TRAINING)
+                 "-o", "client_target_epsilon=2", "-o", "client_clip=1", "--rounds", "4", "--local-steps", "10")
     assert rep["accounted_epsilon"] is not None and rep["accounted_epsilon"] <= 2.0
     assert rep["accounted_source"].startswith("client-level")
     assert rep["epsilon_lower_bound"] <= rep["accounted_epsilon"] and rep["consistent"]
