@@ -71,9 +71,21 @@ def cmd_server(args) -> int:
     cfg = SimulationConfig(dataset_ids=[], configuration=run.configuration, trainer=run.trainer,
                            plans_identifier=run.plans, federation_name=run.federation_name)
     fold_dir = os.path.join(global_model_folder(cfg), f"fold_{run.fold}")
-    work = args.flower_dir or os.path.join(fold_dir, "flower")
-    if args.fresh and os.path.isdir(work):
-        shutil.rmtree(work)
+    work = os.path.abspath(args.flower_dir or os.path.join(fold_dir, "flower"))
+    if args.fresh:
+        for folder in (work, fold_dir):
+            if os.path.isdir(folder):
+                shutil.rmtree(folder)
+    else:
+        from nnunet_fed.federation.records import load_server_state
+
+        state = load_server_state(fold_dir) if os.path.isdir(fold_dir) else None
+        if state is not None and state["run_config"] != run.resume_key():
+            raise site_checks.FederationSetupError(
+                f"{fold_dir} holds a run with other settings ({state['run_config']}); use --fresh to start over "
+                f"or --federation-name to write elsewhere")
+        if state is not None:
+            print(f"resuming {run.federation_name} after round {state['completed_rounds']}/{run.rounds}")
     flwr_home = os.path.join(work, "home")
     port = args.port or launch.free_port(args.host if args.host not in ("0.0.0.0", "") else "127.0.0.1")
     address = f"{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{port}"

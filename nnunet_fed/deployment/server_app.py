@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
-import shutil
 import time
 
 import torch
@@ -27,7 +27,8 @@ from nnunet_fed import sites as site_checks
 from nnunet_fed.deployment import messages as msgs
 from nnunet_fed.deployment.runconfig import RunSettings
 from nnunet_fed.federation.aggregation import NoValidUpdates
-from nnunet_fed.federation.records import MetricsLog, load_server_state, save_server_state
+from nnunet_fed.federation.records import (METRICS_FILE, PLOT_FILE, STATE_FILE, MetricsLog, load_server_state,
+                                           save_server_state)
 from nnunet_fed.federation.simulation import SimulationConfig, global_model_folder, write_global_model
 
 SERVER_LOG = "federation_server.log"
@@ -46,9 +47,11 @@ class FederationServer:
                                     fedprox_mu=run.fedprox_mu, federation_name=run.federation_name, seed=run.seed,
                                     trainer_options=dict(run.trainer_options))
         self.fold_dir = os.path.join(global_model_folder(self.cfg), f"fold_{run.fold}")
-        if run.fresh and os.path.isdir(self.fold_dir):
-            shutil.rmtree(self.fold_dir)
         os.makedirs(self.fold_dir, exist_ok=True)
+        if run.fresh:  # the federation's records only (the SuperLink may keep its state in a subfolder)
+            for name in (STATE_FILE, METRICS_FILE, PLOT_FILE, SERVER_LOG, "checkpoint_final.pth"):
+                if os.path.isfile(os.path.join(self.fold_dir, name)):
+                    os.remove(os.path.join(self.fold_dir, name))
         self.node_sites: dict[int, str] = {}  # node id -> site (dataset name), in the order they answered setup
         self.refused: dict[int, str] = {}  # node id -> why it cannot take part
         self.template = None  # a trainer of the global model (plans, network), never trained
@@ -110,8 +113,6 @@ class FederationServer:
             self.node_sites[node] = site  # newest last: it replaces an earlier node of the same site
             self.log(f"site {site} joined (node {node})")
             if self.template is None:
-                import json
-
                 cfg = reply.content[msgs.CONFIG]
                 self.template = self.build_template(json.loads(cfg["plans"]), json.loads(cfg["dataset_json"]))
 
