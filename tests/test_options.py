@@ -30,3 +30,15 @@ def test_unknown_and_malformed_options_are_named():
         _Child.resolve_options({"steps": "many"}, environ={})
     with pytest.raises(ValueError, match="NAME=VALUE"):
         parse_options(["steps"])
+
+
+class _Mixin:
+    federated_options = {"client_clip": 0.1}
+
+
+class _Combined(_Mixin, _Child):  # no options of its own: nothing inherited twice, nothing overridden
+    pass
+
+
+def test_mixins_combine_without_overriding():
+    assert _Combined.option_defaults() == {**_Child.option_defaults(), "client_clip": 0.1}

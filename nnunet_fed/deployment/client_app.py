@@ -125,6 +125,10 @@ class DeployedSite:
             t.load_checkpoint(previous[1])  # weights (local ones included), optimizer, LR position, RNG, logger
         if t.current_epoch < round_index:  # the site missed rounds: continue at the federation's round
             self._skip_to(round_index)
+        attempt = self.state_file(round_index)
+        if round_index < self.run.rounds and os.path.isfile(attempt):
+            # this round was trained before and its update sent: what it released stays accounted
+            t.carry_over_released(torch.load(attempt, map_location="cpu", weights_only=False))  # the site's own file
         return time.time() - t0
 
     @staticmethod

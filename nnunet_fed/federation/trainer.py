@@ -99,8 +99,8 @@ class nnUNetTrainerFederated(nnUNetTrainer):
     @classmethod
     def option_defaults(cls) -> dict:
         merged = {}
-        for klass in reversed(cls.__mro__):
-            merged.update(getattr(klass, "federated_options", {}) or {})
+        for klass in reversed(cls.__mro__):  # each class's own dict only, so mixins combine
+            merged.update(klass.__dict__.get("federated_options", {}) or {})
         return merged
 
     @classmethod
@@ -369,6 +369,11 @@ class nnUNetTrainerFederated(nnUNetTrainer):
         """Subclasses add what must survive between rounds and across a resume (e.g. a privacy accountant).
         Keys are merged into the checkpoint dict; use a unique prefix. Plain Python/tensor values only."""
         return {}
+
+    def carry_over_released(self, attempt_checkpoint: dict) -> None:
+        """A round is being trained again after an earlier attempt whose update already left the site (a
+        deployment retries a round that too few sites answered). The site restarts from the state before the
+        round, but what the earlier attempt released must stay counted: privacy trainers keep its spending here."""
 
     def load_extra_checkpoint_state(self, checkpoint: dict) -> None:
         """Counterpart of ``extra_checkpoint_state``: restore from a checkpoint dict (keys may be absent)."""

@@ -294,7 +294,15 @@ def score_canaries(model_folder: str, fold, canaries: list[dict], data_folder: s
         data = torch.from_numpy(np.asarray(data[:], dtype=np.float32))
         seg = torch.from_numpy(np.asarray(seg[:], dtype=np.int64))
         with torch.no_grad():
-            logits = predictor.predict_logits_from_preprocessed_data(data).float()
+            try:
+                logits = predictor.predict_logits_from_preprocessed_data(data).float()
+            except RuntimeError as e:
+                if "inf" not in str(e):
+                    raise
+                # a diverged model (e.g. heavy client-level noise): no score. NaN ranks last for every canary
+                # alike, and canaries are in random membership order, so the guesses carry no information
+                scores.append(float("nan"))
+                continue
         logp = torch.log_softmax(logits, 0)
         # the stamp: where the canary's label differs from its source case (same preprocessing, same grid)
         src = infer_dataset_class(data_folder)(data_folder, identifiers=[t["source"]]).load_case(t["source"])[1]

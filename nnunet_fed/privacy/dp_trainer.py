@@ -272,6 +272,16 @@ class nnUNetTrainerDPBase(nnUNetTrainerFederated):
                             "steps": int(self.dp_steps), "last_fraction": self.dp_last_fraction}
         return state
 
+    def carry_over_released(self, attempt_checkpoint: dict) -> None:
+        """The earlier attempt's steps were released with its update: keep them in the accountant history."""
+        super().carry_over_released(attempt_checkpoint)
+        state = attempt_checkpoint.get(STATE_KEY)
+        if state is not None and int(state["steps"]) > self.dp_steps:
+            self.dp_history = [[float(s), float(q), int(n)] for s, q, n in state["history"]]
+            self.dp_steps = int(state["steps"])
+            self.print_to_log_file(f"round retried: the earlier attempt's {self.dp_steps} accounted steps stay "
+                                   f"counted (epsilon may exceed the target)")
+
     def load_extra_checkpoint_state(self, checkpoint: dict) -> None:
         super().load_extra_checkpoint_state(checkpoint)
         state = checkpoint.get(STATE_KEY)
