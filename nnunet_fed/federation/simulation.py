@@ -314,6 +314,7 @@ def simulate(cfg: SimulationConfig) -> dict:
         if cfg.final_validation:
             t.console_output = True
             t.perform_actual_validation(False)
+        site.suspend()  # the next site's final step does not need this one's optimizer state
     global_ckpt = write_global_model(cfg, sites[0].trainer, global_arrays, fold_dir)
     metrics.plot()
     return {
