@@ -13,7 +13,6 @@ the federation's from the run config; a site refuses a run whose trainer or conf
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 import random
@@ -29,7 +28,8 @@ from flwr.clientapp import ClientApp
 from nnunet_fed import sites as site_checks
 from nnunet_fed.deployment import messages as msgs
 from nnunet_fed.deployment.runconfig import RunSettings
-from nnunet_fed.federation.simulation import ROUND_STATE_DIR, SimulationConfig, _make_trainer
+from nnunet_fed.federation.simulation import (ROUND_STATE_DIR, SimulationConfig, _make_trainer, prune_round_states,
+                                             round_state_file, round_state_files)
 from nnunet_fed.federation.update import Update
 
 FEDERATED_LOG = "training_log_federated.txt"
@@ -83,24 +83,15 @@ class DeployedSite:
         return os.path.join(self.trainer.output_folder, ROUND_STATE_DIR)
 
     def state_file(self, round_index: int) -> str:
-        return os.path.join(self.state_dir(), f"round_{round_index:04d}.pth")
+        return round_state_file(self.state_dir(), round_index)
 
     def latest_state_before(self, round_index: int) -> tuple[int, str] | None:
         """The newest round state written before ``round_index`` (a later one is from an uncommitted attempt)."""
-        found = []
-        for f in glob.glob(os.path.join(self.state_dir(), "round_*.pth")):
-            try:
-                k = int(os.path.basename(f)[6:10])
-            except ValueError:
-                continue
-            if k < round_index:
-                found.append((k, f))
-        return max(found) if found else None
+        found = [(k, f) for k, f in round_state_files(self.state_dir()) if k < round_index]
+        return found[-1] if found else None
 
     def prune_states(self, keep_from: int) -> None:
-        for f in glob.glob(os.path.join(self.state_dir(), "round_*.pth")):
-            if int(os.path.basename(f)[6:10]) < keep_from:
-                os.remove(f)
+        prune_round_states(self.state_dir(), keep_from)
 
     # ------------------------------------------------------------------ trainer
     def build(self, round_index: int) -> float:

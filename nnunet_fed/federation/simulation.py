@@ -73,6 +73,29 @@ def default_federation_name(dataset_ids: Sequence[str | int]) -> str:
     return "DatasetFed_" + "_".join(f"{int(i):03d}" if i.isdigit() else i for i in ids)
 
 
+def round_state_file(state_dir: str, round_index: int) -> str:
+    """A site's state after round ``round_index`` (simulation and Flower sites alike)."""
+    return os.path.join(state_dir, f"round_{round_index:04d}.pth")
+
+
+def round_state_files(state_dir: str) -> list[tuple[int, str]]:
+    """(round index, path) of every round state file in ``state_dir``, oldest first."""
+    found = []
+    for f in glob.glob(os.path.join(state_dir, "round_*.pth")):
+        try:
+            found.append((int(os.path.basename(f)[6:10]), f))
+        except ValueError:
+            continue
+    return sorted(found)
+
+
+def prune_round_states(state_dir: str, keep_from: int) -> None:
+    """Remove the round state files before round ``keep_from``."""
+    for k, f in round_state_files(state_dir):
+        if k < keep_from:
+            os.remove(f)
+
+
 class SimulatedSite:
     """One site's trainer inside the simulation, with its state saved after every round."""
 
@@ -86,7 +109,7 @@ class SimulatedSite:
         return self.trainer.site_name
 
     def state_file(self, round_index: int) -> str:
-        return os.path.join(self.state_dir, f"round_{round_index:04d}.pth")
+        return round_state_file(self.state_dir, round_index)
 
     def run_round(self, round_index: int, global_arrays):
         t = self.trainer
@@ -109,9 +132,7 @@ class SimulatedSite:
             torch.cuda.empty_cache()
 
     def prune_states(self, keep_from: int) -> None:
-        for f in glob.glob(os.path.join(self.state_dir, "round_*.pth")):
-            if int(os.path.basename(f)[6:10]) < keep_from:
-                os.remove(f)
+        prune_round_states(self.state_dir, keep_from)
 
 
 def _make_trainer(cfg: SimulationConfig, site_name: str, trainer_cls, device: torch.device) -> nnUNetTrainerFederated:
