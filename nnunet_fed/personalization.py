@@ -32,6 +32,11 @@ from nnunet_fed.losses.pbl import wrap_with_pbl
 FINETUNE_RECORD = "finetune.json"
 
 
+def _finite_mean(values) -> float:
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
 class LocalFineTuning:
     """Local fine-tuning phase after the federated rounds (optionally with the perturbed boundary loss)."""
 
@@ -57,6 +62,9 @@ class LocalFineTuning:
         if problems:
             raise ValueError(f"{cls.__name__}: " + "; ".join(problems))
         return o
+
+    def post_round_steps(self) -> int:
+        return int(self.options["finetune_steps"])
 
     def finish_federation(self, global_arrays) -> None:
         super().finish_federation(global_arrays)  # the final global shared parameters; local ones stay
@@ -98,9 +106,10 @@ class LocalFineTuning:
             finally:
                 self.loss = training_loss
             record["seconds"] = time.time() - t0
+            # a DP step on an empty Poisson batch has no loss (nan)
+            first, last = (_finite_mean(record["losses"][:5]), _finite_mean(record["losses"][-5:]))
             self.print_to_log_file(f"local fine-tuning: {steps} steps, lr {o['finetune_lr']} (poly), "
-                                   f"PBL lambda {o['pbl_lambda']}: loss {np.mean(record['losses'][:5]):.4f} "
-                                   f"(first 5) -> {np.mean(record['losses'][-5:]):.4f} (last 5)")
+                                   f"PBL lambda {o['pbl_lambda']}: loss {first:.4f} (first 5) -> {last:.4f} (last 5)")
         if self.local_rank == 0:
             from nnunet_fed.sites import write_json_atomic
 

@@ -198,12 +198,11 @@ FED_NAME = "DatasetFed_201_202_203"
 TRAINER = "nnUNetTrainerFedOAP"
 
 
-def test_fedoap_simulation_sends_no_local_parameter_and_predicts_per_site(site_env, monkeypatch, tmp_path):
+def _record_sent_updates(monkeypatch) -> list:
+    """Every update the server receives, as it receives it: [(site, {name: array})]."""
     from nnunet_fed.federation import aggregation
-    from nnunet_fed.federation.records import load_server_state
-    from nnunet_fed.federation.simulation import SimulationConfig, simulate
 
-    sent = []  # every update the server received, as it received it
+    sent = []
     original = aggregation.FedAvg.aggregate
 
     def recording_aggregate(self, global_arrays, updates):
@@ -214,6 +213,14 @@ def test_fedoap_simulation_sends_no_local_parameter_and_predicts_per_site(site_e
         return original(self, global_arrays, tap())
 
     monkeypatch.setattr(aggregation.FedAvg, "aggregate", recording_aggregate)
+    return sent
+
+
+def test_fedoap_simulation_sends_no_local_parameter_and_predicts_per_site(site_env, monkeypatch, tmp_path):
+    from nnunet_fed.federation.records import load_server_state
+    from nnunet_fed.federation.simulation import SimulationConfig, simulate
+
+    sent = _record_sent_updates(monkeypatch)
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
     out = simulate(SimulationConfig(dataset_ids=site_env["ids"], configuration="2d", trainer=TRAINER, rounds=2,
                                     local_steps=2, val_steps=1, device="cpu", final_validation=False,
@@ -292,3 +299,83 @@ def test_bad_fedoap_option_is_named_before_training(site_env):
     assert proc.returncode == 2
     assert "pbl_tau must lie in [0, 1), got 1.5" in proc.stderr and "finetune_steps must be >= 0" in proc.stderr
     assert os.listdir(site_env["results"]) == []
+
+
+# ----------------------------------------------------------------------------------------------- FedOAP + ADP-FL
+@pytest.mark.parametrize("dim", [2, 3])
+def test_per_case_clipping_is_exact_on_the_fedoap_network(dim):
+    """DCA (attention over positions) and adapters keep cases independent: the clipped sum of the DP step equals
+    single-case backward passes, each clipped (float64), with PBL's loss as the per-case loss."""
+    from nnunet_fed.privacy.per_sample import PerSampleClipper
+
+    torch.manual_seed(0)
+    net = wrap_unet(_unet(dim, ResidualEncoderUNet), num_heads=4).double()
+    batch, clip = 3, 0.05
+    x = torch.randn((batch, 1) + ((16, 16) if dim == 2 else (8, 16, 16)), dtype=torch.float64)
+    with torch.no_grad():
+        ys = [torch.randint(0, 3, (batch, 1, *o.shape[2:])).double() for o in net(x)]
+    pbl = wrap_with_pbl(_dc_ce(), lam=0.5, tau=0.0, sigma=0.3)
+
+    def case_loss(out, i):
+        torch.manual_seed(100 + i)  # the same PBL noise for case i in the batched and the single-case pass
+        return pbl([o[i:i + 1] for o in out], [y[i:i + 1] for y in ys])
+
+    acc, norms, _ = PerSampleClipper(net).clipped_sum(
+        x, lambda out: torch.stack([case_loss(out, i) for i in range(batch)]), clip)
+    ref = {p: torch.zeros_like(p) for p in net.parameters()}
+    for i in range(batch):
+        net.zero_grad(set_to_none=True)
+        out = net(x[i:i + 1])
+        torch.manual_seed(100 + i)
+        pbl(list(out), [y[i:i + 1] for y in ys]).backward()
+        n = torch.sqrt(sum((p.grad ** 2).sum() for p in net.parameters() if p.grad is not None))
+        torch.testing.assert_close(norms[i], n, rtol=1e-9, atol=1e-12)
+        for p in net.parameters():
+            if p.grad is not None:
+                ref[p] += p.grad * min(1.0, clip / (float(n) + 1e-6))
+    assert float(norms.min()) > clip
+    clipped = {id(p) for p in acc}
+    assert any(k.startswith("dca.wq") and id(p) in clipped for k, p in net.named_parameters())  # local ones too
+    for p in net.parameters():
+        torch.testing.assert_close(acc.get(p, torch.zeros_like(p)), ref[p], rtol=1e-9, atol=1e-12)
+
+
+def test_fedoap_adp_is_private_end_to_end_and_accounts_fine_tuning(site_env, monkeypatch):
+    """nnUNetTrainerFedOAP_ADP: no local parameter is sent; the noise is calibrated over rounds x steps + the
+    fine-tuning steps, which run as DP steps with PBL; the epsilon of each site's report is reproduced by
+    dp_accounting from the report's history; the round metrics show the spending before fine-tuning."""
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+
+    from nnunet_fed.federation.simulation import SimulationConfig, simulate
+
+    sent = _record_sent_updates(monkeypatch)
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    trainer, rounds, steps, finetune = "nnUNetTrainerFedOAP_ADP", 2, 2, 3
+    out = simulate(SimulationConfig(dataset_ids=site_env["ids"], configuration="2d", trainer=trainer, rounds=rounds,
+                                    local_steps=steps, val_steps=1, device="cpu", final_validation=False,
+                                    progress=False, trainer_options={"finetune_steps": str(finetune),
+                                                                     "target_epsilon": "4", "expected_batch_size": "3"}))
+    assert len(sent) == rounds * 3
+    for site, arrays in sent:
+        assert arrays and not [k for k in arrays if POLICY.is_local(k)], site
+    last_round = out["metrics"][-1]["sites"]
+    for name, folder in out["site_folders"].items():
+        with open(os.path.join(folder, "privacy_report.json")) as f:
+            rep = json.load(f)
+        assert rep["steps"] == rounds * steps + finetune and rep["adaptive_clip"]
+        assert sum(n for _, _, n in rep["history"]) == rep["steps"]
+        # calibrated to the whole schedule: the target is reached after fine-tuning, not before
+        assert 0.9 * 4 <= rep["epsilon"] <= 4.0
+        assert last_round[name]["epsilon"] < rep["epsilon"]
+        event = dp_accounting.ComposedDpEvent([
+            dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), n)
+            for z, q, n in rep["history"]])
+        independent = RdpAccountant().compose(event).get_epsilon(rep["delta"])
+        assert rep["epsilon"] == pytest.approx(independent, rel=0.01)
+        with open(os.path.join(folder, "finetune.json")) as f:
+            rec = json.load(f)
+        assert rec["steps"] == finetune and len(rec["losses"]) == finetune and rec["pbl_lambda"] == 0.1
+        ckpt = torch.load(os.path.join(folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+        assert ckpt["trainer_name"] == trainer
+    assert out["global_checkpoint"] is None

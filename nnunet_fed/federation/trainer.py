@@ -291,6 +291,10 @@ class nnUNetTrainerFederated(nnUNetTrainer):
         self.train_round()
         return self.on_round_end()
 
+    def post_round_steps(self) -> int:
+        """Training steps the site takes after the last round (local fine-tuning); privacy accounting counts them."""
+        return 0
+
     def finish_federation(self, global_arrays: Mapping[str, np.ndarray]) -> None:
         """After the last round: take the final global parameters (personalizing trainers fine-tune here)."""
         self.set_shared_arrays(global_arrays)

@@ -78,12 +78,22 @@ def schedule_history(sigmas: Sequence[float], sample_rate: float, steps_per_roun
     return _merge([s, sample_rate, steps_per_round] for s in sigmas)
 
 
+def planned_schedule(sigma0: float, sample_rate: float, steps_per_round: int, rounds: int, decay: float = 1.0,
+                     extra_steps: int = 0) -> list[list]:
+    """The whole planned history: round ``r`` runs ``steps_per_round`` steps at noise ``sigma0 * decay**r``;
+    ``extra_steps`` after the last round (local fine-tuning) run at ``sigma0 * decay**rounds``."""
+    hist = [[sigma0 * decay ** r, sample_rate, steps_per_round] for r in range(rounds)]
+    if extra_steps:
+        hist.append([sigma0 * decay ** rounds, sample_rate, int(extra_steps)])
+    return _merge(hist)
+
+
 def calibrate(target_epsilon: float, delta: float, sample_rate: float, steps_per_round: int, rounds: int,
               accountant: str = "rdp", mechanism: str = "gaussian", decay: float = 1.0,
-              max_noise_multiplier: float = 50.0, spent: Iterable[Sequence[float]] = ()) -> float:
-    """Smallest base noise multiplier ``s`` so that rounds with noise ``s * decay**r`` (plus ``spent``) stay within
-    ``target_epsilon``. Refuses (BudgetError) when the base noise would have to exceed ``max_noise_multiplier``,
-    saying what epsilon the cap reaches."""
+              max_noise_multiplier: float = 50.0, spent: Iterable[Sequence[float]] = (), extra_steps: int = 0) -> float:
+    """Smallest base noise multiplier ``s`` so that rounds with noise ``s * decay**r`` (and ``extra_steps`` after
+    them, see ``planned_schedule``; plus ``spent``) stay within ``target_epsilon``. Refuses (BudgetError) when the
+    base noise would have to exceed ``max_noise_multiplier``, saying what epsilon the cap reaches."""
     if not target_epsilon > 0:
         raise BudgetError(f"target_epsilon must be > 0, got {target_epsilon}")
     if mechanism == "gaussian" and not 0 < delta < 1:
@@ -95,15 +105,15 @@ def calibrate(target_epsilon: float, delta: float, sample_rate: float, steps_per
     spent = list(spent)
 
     def eps_for(s: float) -> float:
-        return epsilon(spent + schedule_history([s * decay ** r for r in range(rounds)], sample_rate,
-                                                steps_per_round), delta, accountant, mechanism)
+        return epsilon(spent + planned_schedule(s, sample_rate, steps_per_round, rounds, decay, extra_steps), delta,
+                       accountant, mechanism)
 
     at_cap = eps_for(max_noise_multiplier)
     if at_cap > target_epsilon:
         raise BudgetError(
             f"target epsilon {target_epsilon:g} (delta {delta:g}) cannot be met: with the noise multiplier at its cap "
             f"max_noise_multiplier={max_noise_multiplier:g} this schedule ({rounds} rounds x {steps_per_round} "
-            f"steps, sampling rate {sample_rate:.4g}, {mechanism}) would reach epsilon {at_cap:.4g}; raise the "
+            f"steps{f' + {extra_steps} fine-tuning steps' if extra_steps else ''}, sampling rate {sample_rate:.4g}, {mechanism}) would reach epsilon {at_cap:.4g}; raise the "
             f"target, train fewer steps, sample fewer cases per step or raise the cap")
     if mechanism == "gaussian" and accountant in ACCOUNTANTS and decay == 1.0 and not spent:
         # Opacus's own calibration for the constant schedule
@@ -111,7 +121,7 @@ def calibrate(target_epsilon: float, delta: float, sample_rate: float, steps_per
 
         try:
             s = float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-                                           steps=steps_per_round * rounds, accountant=accountant,
+                                           steps=steps_per_round * rounds + extra_steps, accountant=accountant,
                                            epsilon_tolerance=0.005 * target_epsilon))
             if eps_for(s) <= target_epsilon and s <= max_noise_multiplier:
                 return s

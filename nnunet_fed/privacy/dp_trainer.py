@@ -133,36 +133,41 @@ class nnUNetTrainerDPBase(nnUNetTrainerFederated):
         q, rounds, steps = self.dp_sample_rate, self.num_epochs, self.num_iterations_per_epoch
         self.dp_expected_batch = q * self.dp_num_cases
         accountant, decay = str(o["accountant"]).lower(), float(o["noise_decay"])
+        extra = int(self.post_round_steps())  # e.g. local fine-tuning: private too, counted in the same budget
         if o["noise_multiplier"] is not None:
             self.dp_sigma0 = float(o["noise_multiplier"])
             if not self.dp_sigma0 > 0:
                 raise acct.BudgetError(f"noise_multiplier must be > 0, got {self.dp_sigma0}")
-            planned = acct.epsilon(acct.schedule_history([self.dp_sigma0 * decay ** r for r in range(rounds)], q, steps),
+            planned = acct.epsilon(acct.planned_schedule(self.dp_sigma0, q, steps, rounds, decay, extra),
                                    self.dp_delta, accountant, self.dp_mechanism)
             if o["target_epsilon"] is not None and planned > float(o["target_epsilon"]) * 1.0001:
                 raise acct.BudgetError(
-                    f"site {self.site_name}: noise_multiplier={self.dp_sigma0:g} over {rounds} rounds x {steps} steps "
-                    f"(sampling rate {q:.4g}) would reach epsilon {planned:.4g} > target_epsilon={o['target_epsilon']:g}")
+                    f"site {self.site_name}: noise_multiplier={self.dp_sigma0:g} over {rounds} rounds x {steps} steps"
+                    f"{f' + {extra} fine-tuning steps' if extra else ''} (sampling rate {q:.4g}) would reach epsilon "
+                    f"{planned:.4g} > target_epsilon={o['target_epsilon']:g}")
         else:
             self.dp_sigma0 = acct.calibrate(float(o["target_epsilon"]), self.dp_delta, q, steps, rounds, accountant,
-                                            self.dp_mechanism, decay, float(o["max_noise_multiplier"]))
-            planned = acct.epsilon(acct.schedule_history([self.dp_sigma0 * decay ** r for r in range(rounds)], q, steps),
+                                            self.dp_mechanism, decay, float(o["max_noise_multiplier"]),
+                                            extra_steps=extra)
+            planned = acct.epsilon(acct.planned_schedule(self.dp_sigma0, q, steps, rounds, decay, extra),
                                    self.dp_delta, accountant, self.dp_mechanism)
         self.dp_planned_epsilon = planned
         self.dp_adaptive = None
         if o["adaptive_clip"]:
-            sigma_max = self.dp_sigma0 * max(1.0, decay ** (rounds - 1))
+            last = rounds if extra else rounds - 1  # the fine-tuning steps run at round ``rounds``'s noise
+            sigma_max = self.dp_sigma0 * max(1.0, decay ** last)
             count = o["count_noise_multiplier"]
             count = float(count) if count is not None else max(self.dp_expected_batch / 20.0, sigma_max)
             self._split_noise(self.dp_sigma0, count)  # refuses a count noise too small for the budget
-            self._split_noise(self.dp_sigma0 * decay ** (rounds - 1), count)
+            self._split_noise(self.dp_sigma0 * decay ** last, count)
             self.dp_adaptive = AdaptiveClip(float(o["max_grad_norm"]), float(o["target_quantile"]), float(o["clip_lr"]),
                                             count, self.dp_mechanism)
             self.dp_adaptive.clip = self.dp_clip
         self.print_to_log_file(
             f"DP ({self.dp_mechanism}, {accountant}): unit = training case, {self.dp_num_cases} cases, sampling rate "
             f"{q:.4g} (expected logical batch {self.dp_expected_batch:.2f}, physical batch {self.batch_size}), noise "
-            f"multiplier {self.dp_sigma0:.4g} (decay {decay:g}/round), clip {self.dp_clip:.4g}"
+            f"multiplier {self.dp_sigma0:.4g} (decay {decay:g}/round), {rounds} rounds x {steps} steps"
+            f"{f' + {extra} fine-tuning steps' if extra else ''}, clip {self.dp_clip:.4g}"
             f"{' adaptive' if self.dp_adaptive else ''}; planned epsilon {planned:.4g} at delta {self.dp_delta:g}")
 
     def _split_noise(self, sigma: float, count: float | None) -> float:
@@ -246,6 +251,7 @@ class nnUNetTrainerDPBase(nnUNetTrainerFederated):
             "sampling_rate": self.dp_sample_rate, "expected_batch_size": self.dp_expected_batch,
             "physical_batch_size": self.batch_size, "steps": self.dp_steps,
             "rounds": self.num_epochs, "local_steps": self.num_iterations_per_epoch,
+            "steps_after_rounds": int(self.post_round_steps()),  # local fine-tuning, DP steps too
             "noise_multiplier": self.dp_sigma0, "noise_decay": float(o["noise_decay"]),
             "clip_norm": "L1" if self.dp_mechanism == "laplace" else "L2",
             "adaptive_clip": bool(self.dp_adaptive), "initial_clip": float(o["max_grad_norm"]), "final_clip": self.dp_clip,
