@@ -3,11 +3,16 @@ non-private FedAvg, fixed-clip DP-FL (nnUNetTrainerFedDP) and ADP-FL (nnUNetTrai
 (delta 1e-5), mean and std over seeds. Each run is ``nnunet_fed simulate``; the global model predicts every
 site's imagesTs with nnU-Net's predictor and nnU-Net's evaluation scores them against labelsTs.
 
-    python3 benchmarks/privacy_utility.py                 # the README table (sized for ~25 min on 2 CPU cores)
+    python3 benchmarks/privacy_utility.py                 # the README table
     python3 benchmarks/privacy_utility.py --quick         # smoke run: tiny sites, 1 seed, a minute or two
     python3 benchmarks/privacy_utility.py --device cuda --num-train 600 --rounds 20 --local-steps 40
+    python3 benchmarks/privacy_utility.py --workdir A --methods nnUNetTrainerFedAvg nnUNetTrainerFedDP &
+    python3 benchmarks/privacy_utility.py --workdir B --methods nnUNetTrainerFedADP &   # in parallel, then
+    python3 benchmarks/privacy_utility.py --report A B                                   # one table
 
-Prints a Markdown table and writes every number to ``<workdir>/privacy_utility.json``.
+Every finished run is appended to ``<workdir>/runs.jsonl``; the table is built from the runs found on disk
+(predictions scored with nnU-Net's evaluation, epsilon from the run's round metrics) and written with every
+number to ``<workdir>/privacy_utility.json``.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import time
 import numpy as np
 
 FIRST_ID = 301
+RUNS_FILE = "runs.jsonl"
 SITES = 3
 METHODS = [  # (label, trainer, options builder)
     ("FedAvg (non-private)", "nnUNetTrainerFedAvg", None),
@@ -36,8 +42,10 @@ def parse_args(argv=None):
     p.add_argument("--num-train", type=int, default=300, help="training cases per site")
     p.add_argument("--num-test", type=int, default=20, help="held-out cases per site")
     p.add_argument("--size", type=int, default=32, help="image side (pixels)")
-    p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--local-steps", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--local-steps", type=int, default=8)
+    p.add_argument("--expected-batch-size", type=int, default=32,
+                   help="DP trainers: expected logical (Poisson) batch, accumulated over nnU-Net's physical batches")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 8.0])
     p.add_argument("--delta", type=float, default=1e-5)
@@ -46,31 +54,22 @@ def parse_args(argv=None):
                    help="extra option for the DP trainers (e.g. max_grad_norm=1.0)")
     p.add_argument("--methods", nargs="+", default=None, help="subset of trainers to run")
     p.add_argument("--quick", action="store_true", help="smoke run: 40 cases per site, 1 seed, 2 rounds x 3 steps")
+    p.add_argument("--report", nargs="+", metavar="WORKDIR", default=None,
+                   help="no training: the table of the finished runs in these workdirs (same settings; e.g. several "
+                        "processes, each running some --methods in its own workdir)")
     args = p.parse_args(argv)
     if args.quick:
         args.num_train, args.num_test, args.rounds, args.local_steps, args.seeds = 40, 5, 2, 3, 1
+        args.expected_batch_size = 4
     return args
-
-
-def dice_of_sites(model_folder: str, names: list[str], raw: str, out_root: str, device: str) -> dict[str, float]:
-    """Mean foreground Dice (labels 1 and 2) per site on imagesTs, nnU-Net prediction and evaluation."""
-    from nnunet_fed.evaluation import dice_per_label, evaluate_folder, predict_folder
-
-    result = {}
-    for n in names:
-        out = os.path.join(out_root, n)
-        with contextlib.redirect_stdout(io.StringIO()):
-            predict_folder(model_folder, os.path.join(raw, n, "imagesTs"), out, fold=0, device=device,
-                           use_mirroring=False)
-            summary = evaluate_folder(os.path.join(raw, n, "labelsTs"), out, model_folder, num_processes=1)
-        d = dice_per_label(summary)
-        result[n] = float(np.nanmean([d[1], d[2]]))
-    return result
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = time.time()
+    if args.report:
+        report(args.report, args)
+        return 0
     from nnunet_fed.cli import parse_options
     from nnunet_fed.demo import _set_nnunet_folders
     from nnunet_fed.sites import find_trainer
@@ -94,13 +93,13 @@ def main(argv=None) -> int:
     plan_and_preprocess_sites([FIRST_ID + k for k in range(SITES)], configurations=("2d",))
     os.environ["nnUNet_n_proc_DA"] = n_proc
 
-    runs = []
     for label, trainer, kind in methods:
         for eps in ([None] if kind is None else args.epsilons):
             for seed in range(args.seeds):
                 options = {} if eps is None else {"target_epsilon": str(eps), "target_delta": str(args.delta),
+                                                  "expected_batch_size": str(args.expected_batch_size),
                                                   **parse_options(args.option)}
-                fed = f"DatasetFed_pu_{trainer}_{'np' if eps is None else f'e{eps:g}'}_s{seed}"
+                fed = run_name(trainer, eps, seed)
                 t0 = time.time()
                 out = simulate(SimulationConfig(dataset_ids=names, configuration="2d", trainer=trainer,
                                                 rounds=args.rounds, local_steps=args.local_steps, val_steps=1,
@@ -108,37 +107,93 @@ def main(argv=None) -> int:
                                                 fresh=True, final_validation=False, progress=False,
                                                 trainer_options=options))
                 train_s = time.time() - t0
-                dice = dice_of_sites(out["global_model_folder"], names, folders["nnUNet_raw"],
-                                     os.path.join(args.workdir, "predictions", fed), args.device)
-                last = out["metrics"][-1] if out["metrics"] else {}
-                spent = [m.get("epsilon") for m in last.get("sites", {}).values() if m.get("epsilon") is not None]
-                runs.append({"method": label, "trainer": trainer, "target_epsilon": eps, "seed": seed,
-                             "dice": dice, "mean_dice": float(np.mean(list(dice.values()))),
-                             "epsilon_spent": max(spent) if spent else None, "train_seconds": train_s})
+                with contextlib.redirect_stdout(io.StringIO()):
+                    predict_sites(out["global_model_folder"], names, folders["nnUNet_raw"],
+                                  os.path.join(args.workdir, "predictions", fed), args.device)
+                run = score_run(args.workdir, label, trainer, eps, seed, names)
+                run["train_seconds"] = train_s
+                with open(os.path.join(args.workdir, RUNS_FILE), "a") as f:
+                    f.write(json.dumps(run) + "\n")
                 print(f"{label:22s} eps={eps if eps is not None else '-':>4} seed {seed}: mean Dice "
-                      f"{runs[-1]['mean_dice']:.3f} (sites {', '.join(f'{v:.3f}' for v in dice.values())}), "
-                      f"epsilon spent {runs[-1]['epsilon_spent']}, {train_s:.0f} s", flush=True)
+                      f"{run['mean_dice']:.3f} (sites {', '.join(f'{v:.3f}' for v in run['dice'].values())}), "
+                      f"epsilon spent {run['epsilon_spent']}, {train_s:.0f} s", flush=True)
+    report([args.workdir], args)
+    print(f"total {time.time() - t_start:.0f} s")
+    return 0
 
-    rows = []
+
+def run_name(trainer: str, eps, seed: int) -> str:
+    return f"DatasetFed_pu_{trainer}_{'np' if eps is None else f'e{eps:g}'}_s{seed}"
+
+
+def predict_sites(model_folder: str, names: list[str], raw: str, out_root: str, device: str) -> None:
+    """The global model predicts every site's imagesTs (nnU-Net's predictor)."""
+    from nnunet_fed.evaluation import predict_folder
+
+    for n in names:
+        predict_folder(model_folder, os.path.join(raw, n, "imagesTs"), os.path.join(out_root, n), fold=0,
+                       device=device, use_mirroring=False)
+
+
+def score_run(workdir: str, label: str, trainer: str, eps, seed: int, names: list[str]) -> dict | None:
+    """A finished run's Dice per site (nnU-Net's evaluation of its predictions against labelsTs, mean of organ
+    and tumour) and the largest epsilon any site spent (the run's round metrics); None if it did not finish."""
+    from nnunet_fed.evaluation import dice_per_label, evaluate_folder
+
+    fed = run_name(trainer, eps, seed)
+    model = os.path.join(workdir, "nnUNet_results", fed, f"{trainer}__nnUNetPlans__2d")
+    metrics_file = os.path.join(model, "fold_0", "federation_metrics.jsonl")
+    raw = os.path.join(workdir, "nnUNet_raw")
+    dice = {}
+    for n in names:
+        pred = os.path.join(workdir, "predictions", fed, n)
+        refs = sorted(os.listdir(os.path.join(raw, n, "labelsTs")))
+        if not os.path.isdir(pred) or not set(refs) <= set(os.listdir(pred)) or not os.path.isfile(metrics_file):
+            return None
+        with contextlib.redirect_stdout(io.StringIO()):
+            d = dice_per_label(evaluate_folder(os.path.join(raw, n, "labelsTs"), pred, model, num_processes=1))
+        dice[n] = float(np.nanmean([d[1], d[2]]))
+    with open(metrics_file) as f:
+        last = [json.loads(line) for line in f if line.strip()][-1]
+    spent = [m["epsilon"] for m in last["sites"].values() if m.get("epsilon") is not None]
+    return {"method": label, "trainer": trainer, "target_epsilon": eps, "seed": seed, "dice": dice,
+            "mean_dice": float(np.mean(list(dice.values()))), "epsilon_spent": max(spent) if spent else None}
+
+
+def report(workdirs: list[str], args) -> str:
+    """The table from every finished run found in ``workdirs`` (a run is looked up in each, first found wins)."""
+    names = [f"Dataset{FIRST_ID + k}_ShiftSite{k}" for k in range(SITES)]
+    methods = [m for m in METHODS if args.methods is None or m[1] in args.methods]
+    rows, runs = [], []
     for label, trainer, kind in methods:
         for eps in ([None] if kind is None else args.epsilons):
-            rs = [r for r in runs if r["trainer"] == trainer and r["target_epsilon"] == eps]
+            rs = []
+            for seed in range(args.seeds):
+                for w in workdirs:
+                    r = score_run(w, label, trainer, eps, seed, names)
+                    if r is not None:
+                        rs.append(r)
+                        break
+            runs += rs
+            if not rs:
+                continue
             per_site = {n: (np.mean([r["dice"][n] for r in rs]), np.std([r["dice"][n] for r in rs])) for n in names}
             means = [r["mean_dice"] for r in rs]
+            spent = [r["epsilon_spent"] for r in rs if r["epsilon_spent"] is not None]
             rows.append((label, "-" if eps is None else f"{eps:g}",
                          *[f"{100 * m:.1f} ± {100 * s:.1f}" for m, s in per_site.values()],
-                         f"{100 * np.mean(means):.1f} ± {100 * np.std(means):.1f}"))
-    header = ("method", "epsilon", *[f"site {k}" for k in range(SITES)], "mean")
+                         f"{100 * np.mean(means):.1f} ± {100 * np.std(means):.1f}", str(len(rs)),
+                         f"{max(spent):.3f}" if spent else "-"))
+    header = ("method", "target epsilon", *[f"site {k}" for k in range(SITES)], "mean", "seeds", "max epsilon spent")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
     table = "\n".join(lines)
     print()
-    print(f"Dice (%) on held-out cases, mean ± std over {args.seeds} seed(s); {args.num_train} training cases per "
-          f"site, {args.rounds} rounds x {args.local_steps} local steps, delta {args.delta:g}, device {args.device}")
+    print(f"Dice (%) on held-out cases, mean ± std over seeds; {args.num_train} training cases per site, {args.rounds} "
+          f"rounds x {args.local_steps} local steps, DP expected batch {args.expected_batch_size}, delta {args.delta:g}")
     print(table)
-    print(f"total {time.time() - t_start:.0f} s")
-    with open(os.path.join(args.workdir, "privacy_utility.json"), "w") as f:
-        json.dump({"args": vars(args), "runs": runs, "table": table, "seconds": time.time() - t_start}, f, indent=2)
-    return 0
+    with open(os.path.join(workdirs[0], "privacy_utility.json"), "w") as f:
+        json.dump({"args": vars(args), "workdirs": workdirs, "runs": runs, "table": table}, f, indent=2)
+    return table
 
 
 if __name__ == "__main__":
