@@ -427,7 +427,10 @@ def worker_federated(spec: dict) -> dict:
     seconds = time.perf_counter() - t0
     with open(os.path.join(global_model_folder(cfg), f"fold_{cfg.fold}", METRICS_FILE)) as f:
         rounds = [json.loads(line) for line in f if line.strip()]
-    weights = torch.load(summary["global_checkpoint"], map_location="cpu", weights_only=False)["network_weights"]
+    from nnunet_fed.federation.records import load_server_state
+
+    # what one update (and the global model sent back) carries: one array per tensor
+    exchanged = load_server_state(os.path.join(global_model_folder(cfg), f"fold_{cfg.fold}"))["global_arrays"]
     # one copy of the weights: the network's parameters (+ buffers), each storage once; the state dict of
     # nnU-Net's PlainConvUNet names most tensors several times (all_modules.*, decoder.encoder.*)
     site_folder = next(iter(summary["site_folders"].values()))
@@ -446,8 +449,8 @@ def worker_federated(spec: dict) -> dict:
             "val_iterations": spec["rounds"] * len(spec["site_ids"]) * spec["val_steps"],
             "final_pseudo_dice": [r["pseudo_dice"] for r in rounds[-1]["sites"].values()],
             "weights_bytes": sum(unique.values()), "num_unique_tensors": len(unique),
-            "exchanged_bytes": sum(v.numel() * v.element_size() for v in weights.values()),
-            "num_exchanged_arrays": len(weights),
+            "exchanged_bytes": int(sum(v.nbytes for v in exchanged.values())),
+            "num_exchanged_arrays": len(exchanged),
             "suspended_site_holdings": holdings,
             "ru_maxrss_self_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
             "ru_maxrss_children_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}
@@ -827,8 +830,8 @@ def benchmark_memory(args, ids, env_extra) -> None:
                   f"optimizer state {fmt_mib(h['optimizer_state'])}, live data loader workers "
                   f"{h['dataloader_workers_alive']}")
     print(f"  one copy of the network weights (parameter bytes, each tensor once, fp32): {fmt_mib(weights)} "
-          f"({n_unique} tensors); one set of exchanged/global arrays (get_shared_arrays: every state-dict "
-          f"name, aliases included): {fmt_mib(exchanged)} ({n_exchanged} arrays)")
+          f"({n_unique} tensors); one set of exchanged/global arrays (get_shared_arrays: one name per "
+          f"tensor): {fmt_mib(exchanged)} ({n_exchanged} arrays)")
     if len(rows) >= 2:
         a, b = rows[0], rows[-1]
         dk = b["K"] - a["K"]

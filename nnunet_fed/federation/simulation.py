@@ -14,6 +14,7 @@ Outputs follow nnU-Net's layout::
 from __future__ import annotations
 
 import contextlib
+import gc
 import glob
 import io
 import multiprocessing
@@ -96,6 +97,43 @@ def prune_round_states(state_dir: str, keep_from: int) -> None:
             os.remove(f)
 
 
+def _glibc():
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim, libc.mallopt  # noqa: B018 (glibc only)
+        return libc
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        return None
+
+
+_LIBC = _glibc()
+_M_MMAP_THRESHOLD = -3
+
+
+@contextlib.contextmanager
+def own_memory_maps_for_large_blocks(threshold: int = 4 << 20, afterwards: int = 32 << 20):
+    """Inside: blocks of ``threshold`` bytes and more get their own memory map, which goes back to the system
+    when the block is freed. Used while a site loads its round state: its momentum buffers (and the checkpoint's
+    temporary tensors) are freed again when the site is suspended, and from the heap they would stay held while
+    the other sites train (glibc raises its mmap threshold after the first such block is freed). Afterwards the
+    threshold is ``afterwards`` (glibc's maximum), so training steps reuse heap blocks for gradients as usual."""
+    if _LIBC is not None:
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, int(threshold))
+    try:
+        yield
+    finally:
+        if _LIBC is not None:
+            _LIBC.mallopt(_M_MMAP_THRESHOLD, int(afterwards))
+
+
+def release_free_heap() -> None:
+    """Give the memory freed by a site's turn back to the system (glibc keeps freed blocks in its arenas)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
 class SimulatedSite:
     """One site's trainer inside the simulation, with its state saved after every round."""
 
@@ -115,7 +153,8 @@ class SimulatedSite:
         t = self.trainer
         t.network.to(t.device)  # before loading the optimizer state, which follows the parameters' device
         if round_index > 0:
-            t.load_checkpoint(self.state_file(round_index - 1))  # optimizer, LR position, RNG, logger
+            with own_memory_maps_for_large_blocks():
+                t.load_checkpoint(self.state_file(round_index - 1))  # optimizer, LR position, RNG, logger
         update = t.run_round(global_arrays)
         t.save_round_state(self.state_file(round_index))
         self.suspend()
@@ -130,6 +169,7 @@ class SimulatedSite:
         if t.device.type == "cuda":
             t.network.to("cpu")
             torch.cuda.empty_cache()
+        release_free_heap()
 
     def prune_states(self, keep_from: int) -> None:
         prune_round_states(self.state_dir, keep_from)
@@ -329,12 +369,14 @@ def simulate(cfg: SimulationConfig) -> dict:
     for site in sites:
         t = site.trainer
         t.network.to(t.device)
-        t.load_checkpoint(site.state_file(cfg.rounds - 1))
+        with own_memory_maps_for_large_blocks():
+            t.load_checkpoint(site.state_file(cfg.rounds - 1))
         t.finish_federation(global_arrays)
         t.on_train_end()  # checkpoint_final.pth in nnU-Net's layout
         if cfg.final_validation:
             t.console_output = True
             t.perform_actual_validation(False)
+        gc.collect()  # nnU-Net's progress plot (matplotlib figures are reference cycles)
         site.suspend()  # the next site's final step does not need this one's optimizer state
     global_ckpt = write_global_model(cfg, sites[0].trainer, global_arrays, fold_dir)
     metrics.plot()
