@@ -316,12 +316,14 @@ def test_per_case_clipping_is_exact_on_the_fedoap_network(dim):
         ys = [torch.randint(0, 3, (batch, 1, *o.shape[2:])).double() for o in net(x)]
     pbl = wrap_with_pbl(_dc_ce(), lam=0.5, tau=0.0, sigma=0.3)
 
-    def case_loss(out, i):
-        torch.manual_seed(100 + i)  # the same PBL noise for case i in the batched and the single-case pass
-        return pbl([o[i:i + 1] for o in out], [y[i:i + 1] for y in ys])
+    def case_losses(out, indices=range(batch)):  # output rows j belong to cases indices[j]
+        losses = []
+        for j, i in enumerate(indices):
+            torch.manual_seed(100 + i)  # the same PBL noise for case i in the batched and the single-case pass
+            losses.append(pbl([o[j:j + 1] for o in out], [y[i:i + 1] for y in ys]))
+        return torch.stack(losses)
 
-    acc, norms, _ = PerSampleClipper(net).clipped_sum(
-        x, lambda out: torch.stack([case_loss(out, i) for i in range(batch)]), clip)
+    acc, norms, _ = PerSampleClipper(net).clipped_sum(x, case_losses, clip)
     ref = {p: torch.zeros_like(p) for p in net.parameters()}
     for i in range(batch):
         net.zero_grad(set_to_none=True)
