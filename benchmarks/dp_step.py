@@ -6,11 +6,15 @@ for a 2d configuration (64x64 patches, batch 24, PlainConvUNet 5 stages 32..512)
 (Dice + CE with deep supervision) on random data and SGD as nnU-Net configures it:
 
 - plain: nnU-Net's ``train_step`` body (forward, loss, backward, clip_grad_norm_(12), optimizer step);
-- DP: ``DPSanitizer.step`` (exact per-case gradients, clip, sum, Gaussian noise, divide) + optimizer step.
+- DP: ``DPSanitizer.step`` (exact per-case gradients, clip, sum, Gaussian noise, divide) + optimizer step, once
+  with each per-sample strategy of ``PerSampleClipper`` ("hooks" and "loop"; the line says which one "auto" picks).
 
-Plain and DP steps alternate (so both see the same machine load) and the ratio of medians is printed.
+The plain step and the DP steps alternate (so all see the same machine load) and the ratios of medians are printed.
+``--patch`` and ``--batch`` replace a configuration's patch size and batch size (same network), to see where each
+strategy wins.
 
     python3 benchmarks/dp_step.py [--reps 5] [--configs 2d 3d_fullres] [--resenc] [--threads N]
+    python3 benchmarks/dp_step.py --configs 3d_fullres --patch 24 32 32 --batch 4
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-from nnunet_fed.privacy.per_sample import PerSampleClipper
+from nnunet_fed.privacy.per_sample import METHODS, PerSampleClipper
 from nnunet_fed.privacy.sanitizer import DPSanitizer
 
 CONFIGS = {
@@ -37,8 +41,9 @@ CONFIGS = {
 }
 
 
-def build(config: str, resenc: bool, num_classes: int = 3):
-    patch, batch, feats, strides, batch_dice = CONFIGS[config]
+def build(config: str, resenc: bool, num_classes: int = 3, patch=None, batch=None):
+    default_patch, default_batch, feats, strides, batch_dice = CONFIGS[config]
+    patch, batch = tuple(patch or default_patch), batch or default_batch
     dim = len(patch)
     n = len(feats)
     conv = f"torch.nn.modules.conv.Conv{dim}d"
@@ -67,11 +72,10 @@ def build(config: str, resenc: bool, num_classes: int = 3):
     return net, x, targets, loss
 
 
-def run(config: str, reps: int, resenc: bool) -> dict:
+def run(config: str, reps: int, resenc: bool, patch=None, batch=None) -> dict:
     torch.manual_seed(0)
-    net, x, targets, loss = build(config, resenc)
+    net, x, targets, loss = build(config, resenc, patch=patch, batch=batch)
     opt = torch.optim.SGD(net.parameters(), 1e-2, weight_decay=3e-5, momentum=0.99, nesterov=True)
-    sanitizer = DPSanitizer(PerSampleClipper(net))
     batch = x.shape[0]
 
     def plain():
@@ -81,23 +85,31 @@ def run(config: str, reps: int, resenc: bool) -> dict:
         torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
         opt.step()
 
-    def per_sample_losses(out):
-        return torch.stack([loss([o[i:i + 1] for o in out], [t[i:i + 1] for t in targets]) for i in range(batch)])
+    def per_sample_losses(out, indices):
+        return torch.stack([loss([o[j:j + 1] for o in out], [t[i:i + 1] for t in targets])
+                            for j, i in enumerate(indices)])
 
-    def dp():
-        opt.zero_grad(set_to_none=True)
-        sanitizer.step([(x, per_sample_losses)], clip=1.0, noise_std=1.0, expected_batch=float(batch))
-        opt.step()
+    def dp_step(method):
+        sanitizer = DPSanitizer(PerSampleClipper(net, method=method))
 
-    plain(), dp()  # warm-up
-    tp, td = [], []
+        def dp():
+            opt.zero_grad(set_to_none=True)
+            sanitizer.step([(x, per_sample_losses)], clip=1.0, noise_std=1.0, expected_batch=float(batch))
+            opt.step()
+        return dp
+
+    steps = {"plain": plain, **{m: dp_step(m) for m in METHODS if m != "auto"}}
+    times = {name: [] for name in steps}
+    for fn in steps.values():  # warm-up
+        fn()
     for _ in range(reps):
-        for fn, out in ((plain, tp), (dp, td)):
+        for name, fn in steps.items():
             t = time.perf_counter()
             fn()
-            out.append(time.perf_counter() - t)
-    return {"plain_s": statistics.median(tp), "dp_s": statistics.median(td),
-            "ratio": statistics.median(td) / statistics.median(tp),
+            times[name].append(time.perf_counter() - t)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    return {"median_s": med, "ratio": {m: med[m] / med["plain"] for m in med if m != "plain"},
+            "auto": PerSampleClipper(net).method_for(x), "patch": tuple(x.shape[2:]),
             "params_M": sum(p.numel() for p in net.parameters()) / 1e6, "batch": batch}
 
 
@@ -107,6 +119,8 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--resenc", action="store_true", help="ResidualEncoderUNet instead of PlainConvUNet")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--patch", type=int, nargs="+", default=None, help="patch size instead of the configuration's")
+    ap.add_argument("--batch", type=int, default=None, help="batch size instead of the configuration's")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -115,9 +129,14 @@ def main():
           f"on {os.cpu_count()} CPUs, {arch}")
     targets = {"2d": 2.0, "3d_fullres": 1.3}
     for config in args.configs:
-        r = run(config, args.reps, args.resenc)
-        print(f"{config:11s} batch {r['batch']:2d}  {r['params_M']:.1f}M params  plain {r['plain_s']:.3f} s  "
-              f"DP {r['dp_s']:.3f} s  DP/plain {r['ratio']:.2f} (target <= {targets[config]})", flush=True)
+        if args.patch and len(args.patch) != len(CONFIGS[config][0]):
+            ap.error(f"--patch {args.patch} does not fit {config}")
+        r = run(config, args.reps, args.resenc, args.patch, args.batch)
+        med, ratio, auto = r["median_s"], r["ratio"], r["auto"]
+        print(f"{config:11s} {'x'.join(map(str, r['patch']))} batch {r['batch']:2d}  {r['params_M']:.1f}M params  "
+              f"plain {med['plain']:.3f} s  DP hooks {med['hooks']:.3f} s  loop {med['loop']:.3f} s  "
+              f"DP/plain hooks {ratio['hooks']:.2f} loop {ratio['loop']:.2f}  auto: {auto} {ratio[auto]:.2f} "
+              f"(target <= {targets[config]})", flush=True)
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
 
 

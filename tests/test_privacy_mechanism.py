@@ -48,8 +48,8 @@ def _case(arch, dim, batch, seed=0):
     ys = [torch.randint(0, 3, (batch, 1, *o.shape[2:])).double() for o in outs]
     loss = _loss(batch_dice=True)
 
-    def per_sample_losses(out):
-        return torch.stack([loss([o[i:i + 1] for o in out], [y[i:i + 1] for y in ys]) for i in range(batch)])
+    def per_sample_losses(out, indices):
+        return torch.stack([loss([o[j:j + 1] for o in out], [y[i:i + 1] for y in ys]) for j, i in enumerate(indices)])
     return net, x, ys, loss, per_sample_losses
 
 
@@ -58,38 +58,69 @@ CASES = [("plain", 2), ("res", 2), ("plain", 3), ("res", 3)]
 
 @pytest.mark.parametrize("arch,dim", CASES)
 def test_per_sample_gradients_are_exact(arch, dim):
-    """The clipped sum equals the sum of single-sample backward passes, each clipped (float64)."""
-    batch, clip = 3, 0.05
+    """Both strategies' clipped sums, norms and losses equal those of single-sample backward passes, each clipped
+    (float64, L2 and L1), and leave the parameters' grad and requires_grad as they were."""
+    batch = 3
     net, x, ys, loss, psl = _case(arch, dim, batch)
-    acc, norms, _ = PerSampleClipper(net).clipped_sum(x, psl, clip)
-    ref = {p: torch.zeros_like(p) for p in net.parameters()}
-    for i in range(batch):
-        net.zero_grad(set_to_none=True)
-        loss([o for o in net(x[i:i + 1])], [y[i:i + 1] for y in ys]).backward()
-        n = torch.sqrt(sum((p.grad ** 2).sum() for p in net.parameters() if p.grad is not None))
-        torch.testing.assert_close(norms[i], n, rtol=1e-9, atol=1e-12)
-        for p in net.parameters():
-            if p.grad is not None:
-                ref[p] += p.grad * min(1.0, clip / (float(n) + 1e-6))
-    assert float(norms.min()) > clip  # the test clips every case
-    for p in net.parameters():
-        torch.testing.assert_close(acc.get(p, torch.zeros_like(p)), ref[p], rtol=1e-9, atol=1e-12)
+    for norm_type, clip in ((2.0, 0.05), (1.0, 5.0)):
+        ref = {p: torch.zeros_like(p) for p in net.parameters()}
+        ref_norms, ref_losses = [], []
+        for i in range(batch):
+            net.zero_grad(set_to_none=True)
+            l = loss([o for o in net(x[i:i + 1])], [y[i:i + 1] for y in ys])
+            l.backward()
+            n = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]),
+                                         ord=norm_type)
+            ref_norms.append(n)
+            ref_losses.append(l.detach())
+            for p in net.parameters():
+                if p.grad is not None:
+                    ref[p] += p.grad * min(1.0, clip / (float(n) + 1e-6))
+        assert float(min(ref_norms)) > clip  # the test clips every case
+        sentinel = {p: torch.full_like(p, 7.0) for p in net.parameters()}
+        for method in ("hooks", "loop"):
+            for p in net.parameters():
+                p.grad = sentinel[p]
+            acc, norms, losses = PerSampleClipper(net, norm_type=norm_type, method=method).clipped_sum(x, psl, clip)
+            torch.testing.assert_close(norms, torch.stack(ref_norms), rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(losses, torch.stack(ref_losses), rtol=1e-12, atol=1e-12)
+            for p in net.parameters():
+                torch.testing.assert_close(acc.get(p, torch.zeros_like(p)), ref[p], rtol=1e-9, atol=1e-12)
+                assert p.requires_grad and p.grad is sentinel[p] and bool((p.grad == 7.0).all())
+                assert p not in acc or acc[p].data_ptr() != p.grad.data_ptr()
 
 
+def test_strategy_choice():
+    """"auto" takes the loop for one sample or large samples (3d_fullres patches) and the hooks for batches of
+    small ones; unknown names are refused."""
+    from nnunet_fed.privacy.per_sample import LOOP_MIN_VOXELS
+
+    net = _net("plain", 3)
+    auto = PerSampleClipper(net).method_for
+    assert auto(torch.zeros(2, 1, 48, 64, 64)) == "loop"
+    assert auto(torch.zeros(24, 1, 64, 64)) == "hooks" and auto(torch.zeros(1, 1, 64, 64)) == "loop"
+    assert auto(torch.zeros(2, 3, LOOP_MIN_VOXELS)) == "loop"
+    assert auto(torch.zeros(2, 3, LOOP_MIN_VOXELS - 1)) == "hooks"
+    assert PerSampleClipper(net, method="hooks").method_for(torch.zeros(2, 1, 48, 64, 64)) == "hooks"
+    with pytest.raises(ValueError, match="choose one of auto, hooks, loop"):
+        PerSampleClipper(net, method="ghost")
+
+
+@pytest.mark.parametrize("method", ["hooks", "loop"])
 @pytest.mark.parametrize("arch,dim", CASES)
-def test_a_case_contributes_at_most_the_clip_norm(arch, dim):
+def test_a_case_contributes_at_most_the_clip_norm(arch, dim, method):
     """Removing one case changes the clipped sum by at most C (L2), and by at most C in L1 in Laplace mode."""
     batch = 4
     net, x, ys, loss, psl = _case(arch, dim, batch, seed=1)
     for norm_type, clip in ((2.0, 0.01), (1.0, 0.5)):
-        clipper = PerSampleClipper(net, norm_type=norm_type)
+        clipper = PerSampleClipper(net, norm_type=norm_type, method=method)
         full, norms, _ = clipper.clipped_sum(x, psl, clip)
         assert float(norms.max()) > clip
         keep = [0, 1, 3]  # case 2 left out
 
-        def psl_without(out, keep=keep):
-            return torch.stack([loss([o[j:j + 1] for o in out], [y[k:k + 1] for y in ys])
-                                for j, k in enumerate(keep)])
+        def psl_without(out, indices, keep=keep):
+            return torch.stack([loss([o[j:j + 1] for o in out], [y[keep[i]:keep[i] + 1] for y in ys])
+                                for j, i in enumerate(indices)])
         part, _, _ = clipper.clipped_sum(x[keep], psl_without, clip)
         diff = torch.cat([(full[p] - part.get(p, torch.zeros_like(p))).flatten() for p in full])
         size = float(diff.norm(p=norm_type))
@@ -224,8 +255,10 @@ def test_sanitizer_noise_once_per_logical_step_and_empty_batch():
     whole, _, _ = clipper.clipped_sum(x, psl, 0.02)
 
     def part(lo, hi):
-        return x[lo:hi], lambda out: torch.stack([loss([o[j:j + 1] for o in out], [y[lo + j:lo + j + 1] for y in ys])
-                                                  for j in range(hi - lo)])
+        def losses(out, indices):
+            return torch.stack([loss([o[j:j + 1] for o in out], [y[lo + i:lo + i + 1] for y in ys])
+                                for j, i in enumerate(indices)])
+        return x[lo:hi], losses
     sanitizer = DPSanitizer(clipper)
     out = sanitizer.step([part(0, 3), part(3, 4)], clip=0.02, noise_std=0.0, expected_batch=2.5)
     assert out["sampled"] == 4

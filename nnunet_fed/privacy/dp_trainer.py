@@ -36,7 +36,7 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunet_fed.federation.trainer import nnUNetTrainerFederated
 from nnunet_fed.privacy import accountant as acct
 from nnunet_fed.privacy.adaptive import AdaptiveClip
-from nnunet_fed.privacy.per_sample import PerSampleClipper
+from nnunet_fed.privacy.per_sample import METHODS as PER_SAMPLE_METHODS, PerSampleClipper
 from nnunet_fed.privacy.sampling import PoissonCaseLoader, split_batch
 from nnunet_fed.privacy.sanitizer import DPSanitizer
 
@@ -61,6 +61,7 @@ class nnUNetTrainerDPBase(nnUNetTrainerFederated):
         "accountant": "rdp",           # rdp | prv
         "mechanism": "gaussian",       # gaussian (L2 clip) | laplace (L1 clip, pure epsilon)
         "max_noise_multiplier": 50.0,  # refuse targets that would need more noise than this
+        "per_sample_method": "auto",   # auto | hooks | loop: how exact per-case gradients are computed (same result)
     }
 
     # ------------------------------------------------------------------ setup
@@ -80,7 +81,12 @@ class nnUNetTrainerDPBase(nnUNetTrainerFederated):
             raise acct.BudgetError(f"max_grad_norm must be > 0, got {o['max_grad_norm']}")
         if o["sampling_rate"] is not None and o["expected_batch_size"] is not None:
             raise acct.BudgetError("set sampling_rate or expected_batch_size, not both")
-        self.dp_clipper = PerSampleClipper(self.plain_network, norm_type=1.0 if self.dp_mechanism == "laplace" else 2.0)
+        method = str(o["per_sample_method"]).lower()
+        if method not in PER_SAMPLE_METHODS:
+            raise ValueError(f"per_sample_method={o['per_sample_method']!r}: choose one of "
+                             f"{', '.join(PER_SAMPLE_METHODS)}")
+        self.dp_clipper = PerSampleClipper(self.plain_network, norm_type=1.0 if self.dp_mechanism == "laplace" else 2.0,
+                                           method=method)
         self.dp_sanitizer = DPSanitizer(self.dp_clipper, self.dp_mechanism)
         self.dp_clip = float(o["max_grad_norm"])
         self.dp_history: list[list] = []
@@ -181,15 +187,19 @@ class nnUNetTrainerDPBase(nnUNetTrainerFederated):
         return self.dp_sigma0 * float(self.options["noise_decay"]) ** self.current_epoch
 
     def _per_sample_losses(self, target):
+        """``losses(output, indices)``: nnU-Net's loss of each case ``indices[j]`` of the physical batch, whose
+        network output is ``output[j]`` (see ``PerSampleClipper.clipped_sum``)."""
         loss = self.loss
+        tgts = target if isinstance(target, (list, tuple)) else [target]
 
-        def losses(output):
-            outs = output if isinstance(output, (list, tuple)) else [output]
-            tgts = target if isinstance(target, (list, tuple)) else [target]
-            n = outs[0].shape[0]
-            if isinstance(output, (list, tuple)):
-                return torch.stack([loss([o[i:i + 1] for o in outs], [t[i:i + 1] for t in tgts]) for i in range(n)])
-            return torch.stack([loss(outs[0][i:i + 1], tgts[0][i:i + 1]) for i in range(n)])
+        def losses(output, indices):
+            deep = isinstance(output, (list, tuple))
+            outs = output if deep else [output]
+            per_case = []
+            for j, i in enumerate(indices):
+                o, t = [o[j:j + 1] for o in outs], [t[i:i + 1] for t in tgts]
+                per_case.append(loss(o, t) if deep else loss(o[0], t[0]))
+            return torch.stack(per_case)
         return losses
 
     def train_step(self, batch: dict) -> dict:
