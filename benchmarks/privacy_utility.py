@@ -10,9 +10,10 @@ site's imagesTs with nnU-Net's predictor and nnU-Net's evaluation scores them ag
     python3 benchmarks/privacy_utility.py --workdir B --methods nnUNetTrainerFedADP &   # in parallel, then
     python3 benchmarks/privacy_utility.py --report A B                                   # one table
 
-Every finished run is appended to ``<workdir>/runs.jsonl``; the table is built from the runs found on disk
-(predictions scored with nnU-Net's evaluation, epsilon from the run's round metrics) and written with every
-number to ``<workdir>/privacy_utility.json``.
+Every finished run is appended to ``<workdir>/runs.jsonl`` and kept: the same command run again trains only the
+runs that have not finished (an interrupted one, or more ``--seeds``), unless ``--rerun``. The table is built
+from the runs found on disk (predictions scored with nnU-Net's evaluation, epsilon from the run's round metrics)
+and written with every number to ``<workdir>/privacy_utility.json``.
 """
 from __future__ import annotations
 
@@ -53,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("-o", "--option", action="append", default=[], metavar="NAME=VALUE",
                    help="extra option for the DP trainers (e.g. max_grad_norm=1.0)")
     p.add_argument("--methods", nargs="+", default=None, help="subset of trainers to run")
+    p.add_argument("--rerun", action="store_true",
+                   help="train every run again (by default a run already finished in --workdir is kept)")
     p.add_argument("--quick", action="store_true", help="smoke run: 40 cases per site, 1 seed, 2 rounds x 3 steps")
     p.add_argument("--report", nargs="+", metavar="WORKDIR", default=None,
                    help="no training: the table of the finished runs in these workdirs (same settings; e.g. several "
@@ -100,6 +103,11 @@ def main(argv=None) -> int:
                                                   "expected_batch_size": str(args.expected_batch_size),
                                                   **parse_options(args.option)}
                 fed = run_name(trainer, eps, seed)
+                done = None if args.rerun else score_run(args.workdir, label, trainer, eps, seed, names)
+                if done is not None:
+                    print(f"{label:22s} eps={eps if eps is not None else '-':>4} seed {seed}: finished earlier "
+                          f"(mean Dice {done['mean_dice']:.3f}), kept (--rerun to train it again)", flush=True)
+                    continue
                 t0 = time.time()
                 out = simulate(SimulationConfig(dataset_ids=names, configuration="2d", trainer=trainer,
                                                 rounds=args.rounds, local_steps=args.local_steps, val_steps=1,
