@@ -306,7 +306,15 @@ def _set_task_identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
 
 
-def test_site_messages_are_arrays_only_without_local_parameters(site_env, tmp_path, monkeypatch):
+WIRE_TRAINERS = [
+    ("nnUNetTrainerFedLocalHead", {}),  # a test trainer: FedAvg with the segmentation heads local
+    # FedOAP trained with ADP-FL: DCA query branch, adapters and heads local; DP fine-tuning in the finish message
+    ("nnUNetTrainerFedOAP_ADP", {"target_epsilon": "8", "expected_batch_size": "3", "finetune_steps": "2"}),
+]
+
+
+@pytest.mark.parametrize("trainer,options", WIRE_TRAINERS, ids=[t for t, _ in WIRE_TRAINERS])
+def test_site_messages_are_arrays_only_without_local_parameters(site_env, tmp_path, monkeypatch, trainer, options):
     """Every reply of a site (setup, a training round, finish) through the real ClientApp, in-process."""
     folder = tmp_path / "extra_trainers"
     folder.mkdir()
@@ -323,11 +331,11 @@ def test_site_messages_are_arrays_only_without_local_parameters(site_env, tmp_pa
     from nnunet_fed.federation.update import tensor_aliases
 
     _set_task_identity()
-    run = RunSettings(trainer="nnUNetTrainerFedLocalHead", rounds=1, local_steps=1, val_steps=1,
+    run = RunSettings(trainer=trainer, rounds=1, local_steps=1, val_steps=1, trainer_options=options,
                       federation_name="DatasetFed_wire", final_validation=False)
     context = Context(run_id=1, node_id=7, state=RecordDict(), run_config=run.to_run_config(),
                       node_config={"dataset": site_env["ids"][0], "configuration": "2d",
-                                   "trainer": "nnUNetTrainerFedLocalHead", "device": "cpu"})
+                                   "trainer": trainer, "device": "cpu"})
 
     def send(content, message_type):
         reply = app(Message(content, dst_node_id=7, message_type=message_type), context)
@@ -353,9 +361,14 @@ def test_site_messages_are_arrays_only_without_local_parameters(site_env, tmp_pa
     check_update(update, global_arrays)  # what the server's validation accepts
     assert update.site == site_env["names"][0] and update.num_examples > 0
     # the local parameters stayed at the site, trained, in its round state
-    state = torch.load(os.path.join(_site_fold_of(site_env, "nnUNetTrainerFedLocalHead"), "federated_rounds",
-                                    "round_0000.pth"), map_location="cpu", weights_only=False)
+    fold = _site_fold_of(site_env, trainer)
+    state = torch.load(os.path.join(fold, "federated_rounds", "round_0000.pth"), map_location="cpu",
+                       weights_only=False)
     assert all(k in state["network_weights"] for k in local)
+    if "target_epsilon" in options:  # the DP trainer: the fine-tuning after the rounds is accounted
+        with open(os.path.join(fold, "privacy_report.json")) as f:
+            rep = json.load(f)
+        assert rep["steps"] == 1 + int(options["finetune_steps"]) and 0 < rep["epsilon"] <= 8.0
 
 
 def _site_fold_of(site_env, trainer):
