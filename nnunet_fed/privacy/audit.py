@@ -2,17 +2,22 @@
 
 Method (Steinke, Nasr and Jagielski 2023, "Privacy auditing with one (1) training run"):
 
-1. make ``m`` canary cases at one site. A canary is a copy of one of the site's cases with a random block
-   pattern stamped into the image and, in the stamp's box, a label drawn at random: image and label are
-   unrelated, so a model predicts a canary's stamp label only if it memorised that canary;
-2. include each canary in the site's training data independently with probability 1/2. The site's data and
-   its canaries are written as a new nnU-Net dataset (``Dataset<ID>_<site>Audit``), preprocessed by nnU-Net
-   with the site's own plans; the excluded canaries are preprocessed the same way and kept aside;
+1. make ``m`` canary cases at one site. A canary is a copy of one of the site's cases whose image is
+   overwritten, in a box (``STAMP_FRACTION`` of each axis: the whole image by default), by a random +-1 block
+   pattern (``PATTERN_BLOCKS`` blocks per axis) and whose labels there are a random label map
+   (``LABEL_BLOCKS`` cells per axis, each cell one of the labels the stamp may have, every such label in as
+   many cells, shuffled): image and labels are unrelated, so a model predicts a canary's label map only if it
+   memorised that canary;
+2. once every canary exists, include each independently with probability 1/2 in the site's training data. The
+   site's data and its canaries are written as a new nnU-Net dataset (``Dataset<ID>_<site>Audit``),
+   preprocessed by nnU-Net with the site's own plans; the excluded canaries are preprocessed the same way and
+   kept aside;
 3. train with the chosen trainer (``nnunet_fed simulate``: the audited site plus any other sites);
-4. score every canary by the released (global) model's log-odds of the stamp's label against the labels it
-   was drawn from, on the stamp (nnU-Net's predictor, sliding window on the preprocessed case, no test-time
-   mirroring); high = "member";
-5. guess the ``k`` highest-scoring canaries as members and the ``k`` highest as non-members, count the correct
+4. score every canary with the released (global) model (nnU-Net's predictor, sliding window on the
+   preprocessed case, no test-time mirroring): the log-odds of each stamp voxel's label against the other
+   labels it could have had, averaged over the voxels of each label, then over the labels (``stamp_score``:
+   a preference for one label over the whole stamp cancels out); high = "member";
+5. guess the ``k`` highest-scoring canaries as members and the ``k`` lowest as non-members, count the correct
    guesses ``v`` of ``r = 2k``, and report the largest epsilon for which ``v`` or more correct guesses would
    have probability below 1 - confidence under (epsilon, delta)-DP (the paper's Theorem 3 / Algorithm 2).
 
@@ -23,15 +28,20 @@ cannot exceed what ``m`` perfect guesses give (about 2.3 for m = 32, 3.0 for m =
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import io
 import json
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from nnunet_fed.federation.simulation import SimulationConfig
 
 CANARY_PREFIX = "canary_"
 NONMEMBER_FOLDER = "audit_nonmembers"
@@ -92,28 +102,57 @@ def guesses_from_scores(scores, members, num_guesses: int | None = None) -> tupl
 
 
 # ---------------------------------------------------------------------- canaries as an nnU-Net dataset
-def stamp_pattern(shape: tuple, rng: np.random.Generator, blocks: int = 3) -> tuple[tuple, np.ndarray]:
-    """A random +-1 block pattern (``blocks`` per axis) and where it goes: a box of about a third of each
-    spatial axis (axes of size 1, as in 2D images, stay 1), at a random position."""
-    size = [1 if n == 1 else max(blocks, n // 3) for n in shape]
+#: the stamp covers this fraction of each spatial axis (axes of size 1, as in 2D images, stay 1)
+STAMP_FRACTION = 1.0
+#: +-1 blocks of the stamp's image pattern, per spatial axis
+PATTERN_BLOCKS = 8
+#: cells of the stamp's label map, per spatial axis (each cell spans PATTERN_BLOCKS / LABEL_BLOCKS blocks)
+LABEL_BLOCKS = 4
+
+
+def _block_index(size: int, blocks: int) -> np.ndarray:
+    return np.minimum(np.arange(size) * blocks // size, blocks - 1)
+
+
+def upsample_blocks(coarse: np.ndarray, shape) -> np.ndarray:
+    """``coarse`` (one entry per block) repeated into an array of ``shape`` (blocks as even as the size allows)."""
+    out = np.asarray(coarse)
+    for ax, n in enumerate(shape):
+        out = np.take(out, _block_index(n, out.shape[ax]), axis=ax)
+    return out
+
+
+def stamp_pattern(shape: tuple, rng: np.random.Generator, blocks: int | None = None,
+                  fraction: float | None = None) -> tuple[tuple, np.ndarray]:
+    """A random +-1 block pattern (``blocks`` per axis, default ``PATTERN_BLOCKS``) and where it goes: a box of
+    ``fraction`` (default ``STAMP_FRACTION``) of each spatial axis (axes of size 1 stay 1), at a random position."""
+    blocks = PATTERN_BLOCKS if blocks is None else int(blocks)
+    fraction = STAMP_FRACTION if fraction is None else float(fraction)
+    size = [1 if n == 1 else min(n, max(blocks, int(round(n * fraction)))) for n in shape]
     start = [0 if n == 1 else int(rng.integers(0, n - s + 1)) for n, s in zip(shape, size)]
     coarse = rng.choice([-1.0, 1.0], size=[1 if n == 1 else blocks for n in shape])
-    pattern = coarse
-    for ax, (n, s) in enumerate(zip(shape, size)):
-        if n != 1:
-            idx = np.minimum(np.arange(s) * blocks // s, blocks - 1)
-            pattern = np.take(pattern, idx, axis=ax)
     box = tuple(slice(a, a + s) for a, s in zip(start, size))
-    return box, pattern
+    return box, upsample_blocks(coarse, size)
+
+
+def stamp_label_map(size, choices, rng: np.random.Generator, blocks: int | None = None) -> np.ndarray:
+    """The stamp's labels: a grid of ``blocks`` cells per axis (default ``LABEL_BLOCKS``; axes of size 1 stay
+    1), each cell one label of ``choices``, balanced (every choice in as many cells as the count allows) and
+    shuffled. Drawn independently of the image, so no model can predict it without having memorised it."""
+    blocks = LABEL_BLOCKS if blocks is None else int(blocks)
+    grid = [1 if n == 1 else min(blocks, n) for n in size]
+    cells = int(np.prod(grid))
+    balanced = np.resize(rng.permutation(np.asarray(choices)), cells)  # each choice cells/len(choices) times
+    return rng.permutation(balanced).reshape(grid)
 
 
 def write_canary(image_files: list[str], label_file: str, image_out: str, label_out: str, ending: str,
-                 labels: list[int], rng: np.random.Generator) -> tuple[int, list[int]]:
-    """A canary: a copy of one case with a random block pattern stamped into every channel (mean +- 3 std of
-    that channel) and labelled, in the stamp's box only, with a label drawn at random (among the foreground
-    labels; with one foreground label, foreground or background). Image and label are unrelated, so a model
-    predicts the stamp's label only if it memorised this case. Returns the stamp's label and the labels it
-    was drawn from."""
+                 labels: list[int], rng: np.random.Generator) -> dict:
+    """A canary: a copy of one case with a random +-1 block pattern stamped into every channel (mean +- 3 std
+    of that channel) and, in the stamp, a random label map (``stamp_label_map``; among the foreground labels,
+    or foreground and background with one foreground label). Image and label are unrelated, so a model
+    predicts the stamp's labels only if it memorised this case. Returns the stamp's box (``[start, stop]`` per
+    axis of the SimpleITK array), its coarse label map and the labels it was drawn from."""
     import SimpleITK as sitk
 
     try:
@@ -123,10 +162,11 @@ def write_canary(image_files: list[str], label_file: str, image_out: str, label_
     seg = sitk.GetArrayFromImage(seg_img)
     box, pattern = stamp_pattern(seg.shape, rng)
     fg = [v for v in labels if v != 0]
-    choice = fg if len(fg) > 1 else [0] + fg
-    value = int(rng.choice(choice))
+    choices = fg if len(fg) > 1 else [0] + fg
+    size = pattern.shape
+    label_map = stamp_label_map(size, choices, rng)
     seg = seg.copy()
-    seg[box] = value
+    seg[box] = upsample_blocks(label_map, size)
     out = sitk.GetImageFromArray(seg.astype(np.uint8))
     out.CopyInformation(seg_img)
     sitk.WriteImage(out, label_out + ending, True)
@@ -138,30 +178,33 @@ def write_canary(image_files: list[str], label_file: str, image_out: str, label_
         new = sitk.GetImageFromArray(arr)
         new.CopyInformation(img)
         sitk.WriteImage(new, f"{image_out}_{c:04d}{ending}", True)
-    return value, [int(x) for x in choice]
+    return {"box": [[b.start, b.stop] for b in box], "label_map": label_map.tolist(),
+            "choices": [int(x) for x in choices]}
 
 
 @dataclass
 class AuditConfig:
-    site: str  # dataset ID or name of the site that receives the canaries
-    configuration: str
-    trainer: str = "nnUNetTrainerFedAvg"
-    other_sites: list = field(default_factory=list)
+    """The audit's own settings, and the federated training it audits.
+
+    ``training`` is the simulation as it would run without an audit: its first site receives the canaries (the
+    simulation then runs on that site's audit copy), the other sites train alongside. Its ``federation_name``,
+    ``seed``, ``fresh`` and ``final_validation`` are set by the audit."""
+    training: SimulationConfig
     num_canaries: int = 32
-    rounds: int = 5
-    local_steps: int = 50
-    val_steps: int = 1
-    fold: int | str = 0
-    plans_identifier: str = "nnUNetPlans"
-    device: str = "cuda"
-    trainer_options: dict = field(default_factory=dict)
     audit_id: int | None = None  # dataset ID of the site's audit copy (default: the highest free ID)
-    seed: int = 0
+    seed: int = 0  # canaries and their membership
     confidence: float = 0.95
     num_guesses: int | None = None  # default: guess every canary
     delta: float = 1e-5  # for the bound when the run reports no delta (non-private)
-    progress: bool = True
-    num_processes: int = 2
+    num_processes: int = 2  # preprocessing of the audit copy
+
+    @property
+    def site(self) -> str:
+        return str(self.training.dataset_ids[0])
+
+    @property
+    def other_sites(self) -> list:
+        return [str(s) for s in self.training.dataset_ids[1:]]
 
 
 def _free_dataset_id() -> int:
@@ -192,12 +235,12 @@ def make_audit_dataset(cfg: AuditConfig, site_name: str) -> dict:
     dj = read_json(os.path.join(raw_site, "dataset.json"), f"site {site_name}: dataset.json")
     if "regions_class_order" in dj:
         raise ValueError(f"site {site_name}: region-based labels are not supported by the canary audit")
-    plans_file = os.path.join(pre_site, cfg.plans_identifier + ".json")
+    plans_file = os.path.join(pre_site, cfg.training.plans_identifier + ".json")
     if not os.path.isfile(plans_file):
         raise ValueError(f"site {site_name}: no plans {plans_file}; plan and preprocess the site first")
     plans = read_json(plans_file, f"site {site_name}: plans")
-    if cfg.configuration not in plans["configurations"]:
-        raise ValueError(f"site {site_name}: configuration {cfg.configuration!r} not in {plans_file}")
+    if cfg.training.configuration not in plans["configurations"]:
+        raise ValueError(f"site {site_name}: configuration {cfg.training.configuration!r} not in {plans_file}")
     cases = get_filenames_of_train_images_and_targets(raw_site, dj)
     real = sorted(cases)
     if not real:
@@ -223,16 +266,18 @@ def make_audit_dataset(cfg: AuditConfig, site_name: str) -> dict:
 
     rng = np.random.default_rng(cfg.seed)
     m = int(cfg.num_canaries)
-    members = rng.random(m) < 0.5  # each canary included independently with probability 1/2
     sources = rng.choice(len(real), size=m, replace=m > len(real))
     labels = sorted({int(v) for k, v in dj["labels"].items() if k != "ignore"})
     table = []
     for i in range(m):
         cid, src = f"{CANARY_PREFIX}{i:04d}", real[int(sources[i])]
-        value, choices = write_canary(cases[src]["images"], cases[src]["label"], os.path.join(raw, "imagesTr", cid),
-                                      os.path.join(raw, "labelsTr", cid), ending, labels, rng)
-        table.append({"id": cid, "source": src, "member": bool(members[i]), "stamp_label": value,
-                      "choices": choices})
+        stamp = write_canary(cases[src]["images"], cases[src]["label"], os.path.join(raw, "imagesTr", cid),
+                             os.path.join(raw, "labelsTr", cid), ending, labels, rng)
+        table.append({"id": cid, "source": src, **stamp})
+    # membership, drawn once every canary exists: each canary included independently with probability 1/2
+    members = np.random.default_rng([int(cfg.seed), 1]).random(m) < 0.5
+    for t, member in zip(table, members):
+        t["member"] = bool(member)
     dj_audit = {k: v for k, v in dj.items() if k != "dataset"}
     dj_audit["numTraining"] = len(real) + m
     with open(os.path.join(raw, "dataset.json"), "w") as f:
@@ -240,7 +285,7 @@ def make_audit_dataset(cfg: AuditConfig, site_name: str) -> dict:
 
     os.makedirs(pre)
     plans = dict(plans, dataset_name=name)
-    with open(os.path.join(pre, cfg.plans_identifier + ".json"), "w") as f:
+    with open(os.path.join(pre, cfg.training.plans_identifier + ".json"), "w") as f:
         json.dump(plans, f, indent=2)
     shutil.copyfile(os.path.join(raw, "dataset.json"), os.path.join(pre, "dataset.json"))
     if os.path.isfile(os.path.join(pre_site, "dataset_fingerprint.json")):
@@ -255,10 +300,10 @@ def make_audit_dataset(cfg: AuditConfig, site_name: str) -> dict:
     from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
 
     with contextlib.redirect_stdout(io.StringIO()):
-        preprocess_dataset(audit_id, cfg.plans_identifier, (cfg.configuration,), [cfg.num_processes],
+        preprocess_dataset(audit_id, cfg.training.plans_identifier, (cfg.training.configuration,), [cfg.num_processes],
                            verbose=False, show_progress_bar=False)
-    data_folder = os.path.join(pre, PlansManager(plans).get_configuration(cfg.configuration).data_identifier)
-    aside = os.path.join(pre, f"{NONMEMBER_FOLDER}_{cfg.configuration}")
+    data_folder = os.path.join(pre, PlansManager(plans).get_configuration(cfg.training.configuration).data_identifier)
+    aside = os.path.join(pre, f"{NONMEMBER_FOLDER}_{cfg.training.configuration}")
     os.makedirs(aside, exist_ok=True)
     for t in table:
         if not t["member"]:  # never seen by training, scored like the members
@@ -268,10 +313,47 @@ def make_audit_dataset(cfg: AuditConfig, site_name: str) -> dict:
 
 
 # ---------------------------------------------------------------------- scoring
+def stamp_region(seg, source_seg):
+    """The stamp in a preprocessed canary: the bounding box of where its labels differ from its source case's
+    (same preprocessing, same grid), as a tuple of slices over the spatial axes; None if it cannot be found."""
+    seg, source_seg = np.asarray(seg), np.asarray(source_seg)
+    if seg.shape != source_seg.shape:
+        return None
+    where = np.nonzero(seg != source_seg)
+    if not len(where[0]):
+        return None
+    return tuple(slice(int(w.min()), int(w.max()) + 1) for w in where)
+
+
+def stamp_score(logits, seg, region, choices) -> float:
+    """Membership score of one canary: the model's log-odds of each stamp voxel's label against the other
+    labels it could have had, averaged over the voxels of each label, then over the labels.
+
+    ``logits`` (classes, *spatial), ``seg`` (*spatial) the canary's labels, ``region`` the stamp's slices.
+    Averaging per label first makes a preference that does not follow the canary's label map (the model
+    favouring one label over the whole stamp, as a model that never saw the canary may) cancel out: it raises
+    one label's mean log-odds by what it lowers the other's (exactly so with two labels). What remains is how
+    closely the prediction follows this canary's random label map, which only memorising it explains."""
+    import torch
+
+    logits = torch.as_tensor(logits).float()
+    logp = torch.log_softmax(logits, 0)[(slice(None),) + tuple(region)]
+    labels = torch.as_tensor(np.asarray(seg)[tuple(region)])
+    per_label = []
+    for c in choices:
+        where = labels == c
+        if where.any():
+            others = [o for o in choices if o != c]
+            odds = logp[c] - torch.logsumexp(logp[others], 0)
+            per_label.append(float(odds[where].mean()))
+    return float(np.mean(per_label)) if per_label else float("nan")
+
+
 def score_canaries(model_folder: str, fold, canaries: list[dict], data_folder: str, nonmember_folder: str,
                    device: str = "cpu") -> list[float]:
-    """Membership score of each canary: the model's mean log-odds of the stamp's label against the other labels
-    it was drawn from, over the stamp (nnU-Net's predictor on the preprocessed case)."""
+    """Membership score of every canary (``stamp_score``) from the released model's prediction of the
+    preprocessed case (nnU-Net's predictor, sliding window, no test-time mirroring). A function of the model
+    and the canary only: members and non-members are scored alike."""
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
@@ -288,14 +370,14 @@ def score_canaries(model_folder: str, fold, canaries: list[dict], data_folder: s
                                                        checkpoint_name="checkpoint_final.pth")
     scores = []
     for t in canaries:
-        folder = data_folder if t["member"] else nonmember_folder
+        folder = data_folder if t["member"] else nonmember_folder  # where the file is; the same preprocessing
         ds = infer_dataset_class(folder)(folder, identifiers=[t["id"]])
         data, seg, _, _ = ds.load_case(t["id"])
         data = torch.from_numpy(np.asarray(data[:], dtype=np.float32))
-        seg = torch.from_numpy(np.asarray(seg[:], dtype=np.int64))
+        seg = np.asarray(seg[:], dtype=np.int64)[0]
         with torch.no_grad():
             try:
-                logits = predictor.predict_logits_from_preprocessed_data(data).float()
+                logits = predictor.predict_logits_from_preprocessed_data(data).float().cpu()
             except RuntimeError as e:
                 if "inf" not in str(e):
                     raise
@@ -303,20 +385,13 @@ def score_canaries(model_folder: str, fold, canaries: list[dict], data_folder: s
                 # alike, and canaries are in random membership order, so the guesses carry no information
                 scores.append(float("nan"))
                 continue
-        logp = torch.log_softmax(logits, 0)
-        # the stamp: where the canary's label differs from its source case (same preprocessing, same grid)
         src = infer_dataset_class(data_folder)(data_folder, identifiers=[t["source"]]).load_case(t["source"])[1]
-        src = torch.from_numpy(np.asarray(src[:], dtype=np.int64))
-        region = (src != seg)[0] if src.shape == seg.shape else None
-        if region is None or not region.any():  # cannot locate the stamp: minus the whole case's cross-entropy
-            ce = torch.nn.functional.cross_entropy(logits[None], seg, ignore_index=-1)
+        region = stamp_region(seg, np.asarray(src[:], dtype=np.int64)[0])
+        if region is None:  # cannot locate the stamp: minus the whole case's cross-entropy
+            ce = torch.nn.functional.cross_entropy(logits[None], torch.from_numpy(seg)[None], ignore_index=-1)
             scores.append(-float(ce))
             continue
-        # log-odds of the stamp's label against the other labels it could have had: the model's general
-        # preference among them does not depend on membership and cancels out
-        others = [c for c in t["choices"] if c != t["stamp_label"]]
-        odds = logp[t["stamp_label"]] - torch.logsumexp(logp[others], 0)
-        scores.append(float(odds[region].mean()))
+        scores.append(stamp_score(logits, seg, region, t["choices"]))
     return scores
 
 
@@ -355,7 +430,7 @@ def accounted_privacy(site_fold: str, global_fold: str, site_name: str) -> dict:
 def run_audit(cfg: AuditConfig, output: str | None = None) -> dict:
     """Canaries, training, scoring and the bound; returns (and writes) the audit report."""
     from nnunet_fed import sites as site_checks
-    from nnunet_fed.federation.simulation import SimulationConfig, global_model_folder, simulate
+    from nnunet_fed.federation.simulation import simulate
 
     site_checks.require_nnunet_paths()
     if cfg.num_canaries < 2:
@@ -366,20 +441,18 @@ def run_audit(cfg: AuditConfig, output: str | None = None) -> dict:
         raise ValueError(f"--confidence must lie in (0, 1), got {cfg.confidence}")
     site_name = site_checks.dataset_name(cfg.site)
     others = [site_checks.dataset_name(s) for s in cfg.other_sites]
-    trainer_cls = site_checks.find_trainer(cfg.trainer)
-    trainer_cls.resolve_options(cfg.trainer_options)  # bad options fail before anything is written
+    trainer_cls = site_checks.find_trainer(cfg.training.trainer)
+    trainer_cls.resolve_options(cfg.training.trainer_options)  # bad options fail before anything is written
 
     ds = make_audit_dataset(cfg, site_name)
-    sim = SimulationConfig(dataset_ids=[ds["name"]] + others, configuration=cfg.configuration, trainer=cfg.trainer,
-                           rounds=cfg.rounds, local_steps=cfg.local_steps, val_steps=cfg.val_steps, fold=cfg.fold,
-                           plans_identifier=cfg.plans_identifier, device=cfg.device,
-                           federation_name=f"Dataset{ds['id']:03d}Audit_federation", seed=cfg.seed + 12345,
-                           final_validation=False, fresh=True, progress=cfg.progress,
-                           trainer_options=dict(cfg.trainer_options))
+    sim = dataclasses.replace(cfg.training, dataset_ids=[ds["name"]] + others, site_names=[],
+                              federation_name=f"Dataset{ds['id']:03d}Audit_federation", seed=cfg.seed + 12345,
+                              final_validation=False, fresh=True,
+                              trainer_options=dict(cfg.training.trainer_options))
     out = simulate(sim)
     model = out["global_model_folder"]
-    fold_dir = os.path.join(model, f"fold_{cfg.fold}")
-    scores = score_canaries(model, cfg.fold, ds["canaries"], ds["data_folder"], ds["nonmember_folder"], cfg.device)
+    fold_dir = os.path.join(model, f"fold_{sim.fold}")
+    scores = score_canaries(model, sim.fold, ds["canaries"], ds["data_folder"], ds["nonmember_folder"], sim.device)
     members = [t["member"] for t in ds["canaries"]]
     r, v = guesses_from_scores(scores, members, cfg.num_guesses)
     privacy = accounted_privacy(out["site_folders"][ds["name"]], fold_dir, ds["name"])
@@ -388,9 +461,11 @@ def run_audit(cfg: AuditConfig, output: str | None = None) -> dict:
     member_scores = [s for s, mm in zip(scores, members) if mm]
     other_scores = [s for s, mm in zip(scores, members) if not mm]
     report = {
-        "site": site_name, "audit_dataset": ds["name"], "trainer": cfg.trainer, "configuration": cfg.configuration,
-        "trainer_options": dict(cfg.trainer_options), "rounds": cfg.rounds, "local_steps": cfg.local_steps,
+        "site": site_name, "audit_dataset": ds["name"], "trainer": sim.trainer, "configuration": sim.configuration,
+        "trainer_options": dict(sim.trainer_options), "rounds": sim.rounds, "local_steps": sim.local_steps,
         "canaries": len(members), "members": int(sum(members)), "guesses": r, "correct": v,
+        "canary_design": {"stamp_fraction": STAMP_FRACTION, "pattern_blocks": PATTERN_BLOCKS,
+                          "label_blocks": LABEL_BLOCKS},
         "confidence": cfg.confidence, "delta": delta,
         "epsilon_lower_bound": bound,
         "accounted_epsilon": privacy["epsilon"], "accounted_source": privacy["source"],
@@ -455,11 +530,14 @@ def add_audit_command(sub) -> None:
 def _cmd_audit(args) -> int:
     from nnunet_fed.cli import parse_options
 
-    cfg = AuditConfig(site=args.datasets[0], other_sites=list(args.datasets[1:]), configuration=args.configuration,
-                      trainer=args.trainer, plans_identifier=args.plans,
-                      fold=args.fold if args.fold == "all" else int(args.fold), num_canaries=args.canaries,
-                      num_guesses=args.guesses, rounds=args.rounds, local_steps=args.local_steps, device=args.device,
-                      confidence=args.confidence, delta=args.delta, audit_id=args.audit_id, seed=args.seed,
-                      trainer_options=parse_options(args.option), progress=not args.no_progress)
+    from nnunet_fed.federation.simulation import SimulationConfig
+
+    training = SimulationConfig(dataset_ids=list(args.datasets), configuration=args.configuration,
+                                trainer=args.trainer, plans_identifier=args.plans,
+                                fold=args.fold if args.fold == "all" else int(args.fold), rounds=args.rounds,
+                                local_steps=args.local_steps, val_steps=1, device=args.device,
+                                trainer_options=parse_options(args.option), progress=not args.no_progress)
+    cfg = AuditConfig(training=training, num_canaries=args.canaries, num_guesses=args.guesses,
+                      confidence=args.confidence, delta=args.delta, audit_id=args.audit_id, seed=args.seed)
     print(format_report(run_audit(cfg, args.output)))
     return 0
