@@ -30,7 +30,7 @@ from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-from nnunet_fed.privacy.per_sample import METHODS, PerSampleClipper
+from nnunet_fed.privacy.per_sample import METHODS, PerSampleClipper, per_case_losses
 from nnunet_fed.privacy.sanitizer import DPSanitizer
 
 CONFIGS = {
@@ -85,9 +85,7 @@ def run(config: str, reps: int, resenc: bool, patch=None, batch=None) -> dict:
         torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
         opt.step()
 
-    def per_sample_losses(out, indices):
-        return torch.stack([loss([o[j:j + 1] for o in out], [t[i:i + 1] for t in targets])
-                            for j, i in enumerate(indices)])
+    per_sample_losses = per_case_losses(loss, targets)
 
     def dp_step(method):
         sanitizer = DPSanitizer(PerSampleClipper(net, method=method))

@@ -316,7 +316,7 @@ def test_per_case_clipping_is_exact_on_the_fedoap_network(dim):
         ys = [torch.randint(0, 3, (batch, 1, *o.shape[2:])).double() for o in net(x)]
     pbl = wrap_with_pbl(_dc_ce(), lam=0.5, tau=0.0, sigma=0.3)
 
-    def case_losses(out, indices=range(batch)):  # output rows j belong to cases indices[j]
+    def case_losses(out, indices):  # output rows j belong to cases indices[j]
         losses = []
         for j, i in enumerate(indices):
             torch.manual_seed(100 + i)  # the same PBL noise for case i in the batched and the single-case pass

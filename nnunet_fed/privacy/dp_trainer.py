@@ -27,7 +27,6 @@ import json
 import os
 
 import numpy as np
-import torch
 from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
@@ -36,7 +35,7 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunet_fed.federation.trainer import nnUNetTrainerFederated
 from nnunet_fed.privacy import accountant as acct
 from nnunet_fed.privacy.adaptive import AdaptiveClip
-from nnunet_fed.privacy.per_sample import METHODS as PER_SAMPLE_METHODS, PerSampleClipper
+from nnunet_fed.privacy.per_sample import METHODS as PER_SAMPLE_METHODS, PerSampleClipper, per_case_losses
 from nnunet_fed.privacy.sampling import PoissonCaseLoader, split_batch
 from nnunet_fed.privacy.sanitizer import DPSanitizer
 
@@ -187,20 +186,8 @@ class nnUNetTrainerDPBase(nnUNetTrainerFederated):
         return self.dp_sigma0 * float(self.options["noise_decay"]) ** self.current_epoch
 
     def _per_sample_losses(self, target):
-        """``losses(output, indices)``: nnU-Net's loss of each case ``indices[j]`` of the physical batch, whose
-        network output is ``output[j]`` (see ``PerSampleClipper.clipped_sum``)."""
-        loss = self.loss
-        tgts = target if isinstance(target, (list, tuple)) else [target]
-
-        def losses(output, indices):
-            deep = isinstance(output, (list, tuple))
-            outs = output if deep else [output]
-            per_case = []
-            for j, i in enumerate(indices):
-                o, t = [o[j:j + 1] for o in outs], [t[i:i + 1] for t in tgts]
-                per_case.append(loss(o, t) if deep else loss(o[0], t[0]))
-            return torch.stack(per_case)
-        return losses
+        """nnU-Net's loss (``self.loss``: the fine-tuning may swap in PBL) of each case of a physical batch."""
+        return per_case_losses(self.loss, target)
 
     def train_step(self, batch: dict) -> dict:
         self.optimizer.zero_grad(set_to_none=True)

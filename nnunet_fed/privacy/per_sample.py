@@ -66,6 +66,23 @@ def _spatial_dims(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(range(2, t.dim()))
 
 
+def per_case_losses(loss: Callable, target) -> Callable[[object, range], torch.Tensor]:
+    """The ``per_sample_losses`` callable of ``PerSampleClipper.clipped_sum`` for an nnU-Net loss: ``loss`` of
+    each case ``indices[j]`` alone, whose network output is ``output[j]`` (``output`` and ``target`` are lists
+    with deep supervision, tensors without)."""
+    targets = target if isinstance(target, (list, tuple)) else [target]
+
+    def losses(output, indices):
+        deep = isinstance(output, (list, tuple))
+        outs = output if deep else [output]
+        per_case = []
+        for j, i in enumerate(indices):
+            o, t = [o[j:j + 1] for o in outs], [t[i:i + 1] for t in targets]
+            per_case.append(loss(o, t) if deep else loss(o[0], t[0]))
+        return torch.stack(per_case)
+    return losses
+
+
 class PerSampleClipper:
     """Clipped sums of exact per-sample gradients for a network made of convolutions and instance norms."""
 
