@@ -103,10 +103,9 @@ def main(argv=None) -> int:
                                                   "expected_batch_size": str(args.expected_batch_size),
                                                   **parse_options(args.option)}
                 fed = run_name(trainer, eps, seed)
-                done = None if args.rerun else score_run(args.workdir, label, trainer, eps, seed, names)
-                if done is not None:
-                    print(f"{label:22s} eps={eps if eps is not None else '-':>4} seed {seed}: finished earlier "
-                          f"(mean Dice {done['mean_dice']:.3f}), kept (--rerun to train it again)", flush=True)
+                if not args.rerun and run_finished(args.workdir, trainer, eps, seed, names):
+                    print(f"{label:22s} eps={eps if eps is not None else '-':>4} seed {seed}: finished earlier, "
+                          f"kept (--rerun to train it again)", flush=True)
                     continue
                 t0 = time.time()
                 out = simulate(SimulationConfig(dataset_ids=names, configuration="2d", trainer=trainer,
@@ -143,21 +142,38 @@ def predict_sites(model_folder: str, names: list[str], raw: str, out_root: str, 
                        device=device, use_mirroring=False)
 
 
+def _run_paths(workdir: str, trainer: str, eps, seed: int) -> tuple[str, str, str]:
+    """(model folder, its round metrics file, the run's predictions folder)."""
+    fed = run_name(trainer, eps, seed)
+    model = os.path.join(workdir, "nnUNet_results", fed, f"{trainer}__nnUNetPlans__2d")
+    return model, os.path.join(model, "fold_0", "federation_metrics.jsonl"), os.path.join(workdir, "predictions", fed)
+
+
+def run_finished(workdir: str, trainer: str, eps, seed: int, names: list[str]) -> bool:
+    """The run trained (round metrics written) and predicted every site's held-out cases."""
+    _, metrics_file, predictions = _run_paths(workdir, trainer, eps, seed)
+    if not os.path.isfile(metrics_file):
+        return False
+    for n in names:
+        pred = os.path.join(predictions, n)
+        refs = os.listdir(os.path.join(workdir, "nnUNet_raw", n, "labelsTs"))
+        if not os.path.isdir(pred) or not set(refs) <= set(os.listdir(pred)):
+            return False
+    return True
+
+
 def score_run(workdir: str, label: str, trainer: str, eps, seed: int, names: list[str]) -> dict | None:
     """A finished run's Dice per site (nnU-Net's evaluation of its predictions against labelsTs, mean of organ
     and tumour) and the largest epsilon any site spent (the run's round metrics); None if it did not finish."""
     from nnunet_fed.evaluation import dice_per_label, evaluate_folder
 
-    fed = run_name(trainer, eps, seed)
-    model = os.path.join(workdir, "nnUNet_results", fed, f"{trainer}__nnUNetPlans__2d")
-    metrics_file = os.path.join(model, "fold_0", "federation_metrics.jsonl")
+    if not run_finished(workdir, trainer, eps, seed, names):
+        return None
+    model, metrics_file, predictions = _run_paths(workdir, trainer, eps, seed)
     raw = os.path.join(workdir, "nnUNet_raw")
     dice = {}
     for n in names:
-        pred = os.path.join(workdir, "predictions", fed, n)
-        refs = sorted(os.listdir(os.path.join(raw, n, "labelsTs")))
-        if not os.path.isdir(pred) or not set(refs) <= set(os.listdir(pred)) or not os.path.isfile(metrics_file):
-            return None
+        pred = os.path.join(predictions, n)
         with contextlib.redirect_stdout(io.StringIO()):
             d = dice_per_label(evaluate_folder(os.path.join(raw, n, "labelsTs"), pred, model, num_processes=1))
         dice[n] = float(np.nanmean([d[1], d[2]]))
