@@ -23,6 +23,19 @@ def test_environment_then_explicit_values_are_cast():
     assert opts == {"clip": 0.5, "steps": 7, "adaptive": True, "mode": "laplace", "tau": 0.75}
 
 
+def test_schedule_and_options_come_from_one_kind_of_variable():
+    from nnunet_fed.federation.trainer import environment_setting
+
+    env = {"nnUNet_fed_rounds": "7", "nnUNet_fed_fedprox_mu": "0.1", "nnUNet_fed_val_steps": ""}
+    assert environment_setting("rounds", 1000, env) == 7
+    assert environment_setting("fedprox_mu", 0.0, env) == 0.1
+    assert environment_setting("val_steps", 50, env) == 50  # empty: the default
+    with pytest.raises(ValueError, match=r"nnUNet_fed_rounds='seven' is not a valid int"):
+        environment_setting("rounds", 1000, {"nnUNet_fed_rounds": "seven"})
+    with pytest.raises(ValueError, match=r"_Child: environment variable nnUNet_fed_clip='wide'"):
+        _Child.resolve_options(environ={"nnUNet_fed_clip": "wide"})
+
+
 def test_unknown_and_malformed_options_are_named():
     with pytest.raises(ValueError, match=r"_Child has no option sigma"):
         _Child.resolve_options({"sigma": "1"}, environ={})

@@ -29,22 +29,24 @@ from torch._dynamo import OptimizedModule
 
 from nnunet_fed.federation.update import SharingPolicy, Update
 
-# Environment variables read at construction (useful under plain nnUNetv2_train); the nnunet_fed
-# commands set the same attributes directly through configure_federation().
-ENV_ROUNDS = "nnUNet_fed_rounds"
-ENV_LOCAL_STEPS = "nnUNet_fed_local_steps"
-ENV_VAL_STEPS = "nnUNet_fed_val_steps"
-ENV_FEDPROX_MU = "nnUNet_fed_fedprox_mu"
+# Under plain nnUNetv2_train the schedule and every trainer option come from nnUNet_fed_<name> variables
+# (environment_setting); the nnunet_fed commands set the same attributes through configure_federation().
+ENV_PREFIX = "nnUNet_fed_"
+SCHEDULE_SETTINGS = ("rounds", "local_steps", "val_steps", "fedprox_mu")
 
 
-def _env_number(name: str, default, cast=int):
-    value = os.environ.get(name)
-    if value is None or value == "":
+def environment_setting(name: str, default, environ: Mapping | None = None, owner: str = "nnunet_fed"):
+    """The value of the variable ``nnUNet_fed_<name>``, cast to the type of ``default``; ``default`` when
+    it is unset or empty. A value that does not cast is an error naming the variable."""
+    environ = os.environ if environ is None else environ
+    value = environ.get(ENV_PREFIX + name, "")
+    if value == "":
         return default
     try:
-        return cast(value)
+        return _cast_option(owner, name, value, default)
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not a valid {cast.__name__}") from None
+        kind = type(default).__name__ if default is not None else "number"
+        raise ValueError(f"{owner}: environment variable {ENV_PREFIX}{name}={value!r} is not a valid {kind}") from None
 
 
 def _cast_option(trainer: str, name: str, value, default):
@@ -112,14 +114,15 @@ class nnUNetTrainerFederated(nnUNetTrainer):
         if unknown:
             raise ValueError(f"{cls.__name__} has no option {', '.join(unknown)}; its options are "
                              f"{sorted(defaults) or 'none'}")
+        clash = sorted(set(defaults) & set(SCHEDULE_SETTINGS))
+        if clash:
+            raise TypeError(f"{cls.__name__}: trainer options may not be named like a schedule setting ({clash})")
         resolved = {}
         for name, default in defaults.items():
-            value = default
-            if environ.get(f"nnUNet_fed_{name}", "") != "":
-                value = environ[f"nnUNet_fed_{name}"]
             if options and name in options:
-                value = options[name]
-            resolved[name] = _cast_option(cls.__name__, name, value, default)
+                resolved[name] = _cast_option(cls.__name__, name, options[name], default)
+            else:
+                resolved[name] = environment_setting(name, default, environ, cls.__name__)
         return resolved
 
     @classmethod
@@ -132,10 +135,10 @@ class nnUNetTrainerFederated(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = _env_number(ENV_ROUNDS, self.num_epochs)
-        self.num_iterations_per_epoch = _env_number(ENV_LOCAL_STEPS, self.num_iterations_per_epoch)
-        self.num_val_iterations_per_epoch = _env_number(ENV_VAL_STEPS, self.num_val_iterations_per_epoch)
-        self.fedprox_mu = _env_number(ENV_FEDPROX_MU, 0.0, float)
+        self.num_epochs = environment_setting("rounds", self.num_epochs)
+        self.num_iterations_per_epoch = environment_setting("local_steps", self.num_iterations_per_epoch)
+        self.num_val_iterations_per_epoch = environment_setting("val_steps", self.num_val_iterations_per_epoch)
+        self.fedprox_mu = environment_setting("fedprox_mu", 0.0)
         self.options = self.resolve_options()
         # In a simulation, a site's progress.png and checkpoint_best.pth are written from its round state
         # (no extra serialisation per site and round); see defer_site_outputs().
