@@ -326,7 +326,8 @@ def _suspended_site_holdings(site) -> dict:
         for v in st.values():
             if hasattr(v, "element_size"):
                 opt_bytes += v.numel() * v.element_size()
-    return {"weights": sum(p.numel() * p.element_size() for p in params),
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in params}
+    return {"weights": sum(p.numel() * p.element_size() for p in params), "weight_storages": storages,
             "grads": sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None),
             "optimizer_state": opt_bytes,
             "dataloader_workers_alive": sum(len(getattr(dl, "_processes", []) or [])
@@ -353,8 +354,9 @@ def instrument_federated(prof: Profiler, holdings: dict) -> None:
         prof.wrap(F, attr, key, optional=True)
     prof.wrap(F, "save_checkpoint", keyfn=_checkpoint_kind, optional=True)
     S = simulation.SimulatedSite
-    prof.wrap(S, "run_round", "sim SimulatedSite.run_round (rest: network.to)", optional=True)
-    prof.wrap(S, "suspend", "sim suspend (rest: optimizer.state.clear)",
+    prof.wrap(S, "run_round", "sim SimulatedSite.run_round (rest)", optional=True)
+    prof.wrap(S, "resume", "sim SimulatedSite.resume (RNG, optimizer state device)", optional=True)
+    prof.wrap(S, "suspend", "sim suspend (rest: RNG state, heap trim)",
               after=lambda args, _: holdings.__setitem__(args[0].name, _suspended_site_holdings(args[0])), optional=True)
     prof.wrap(S, "prune_states", "sim prune old round states", optional=True)
     prof.wrap(simulation, "_make_trainer", "sim trainer construction (plans, __init__)", optional=True)
@@ -440,6 +442,14 @@ def worker_federated(spec: dict) -> dict:
     import gc
     import resource
 
+    # weight storage a suspended site holds on its own (not shared with another site's network)
+    counts: dict = {}
+    for h in holdings.values():
+        for ptr in h.get("weight_storages", {}):
+            counts[ptr] = counts.get(ptr, 0) + 1
+    for h in holdings.values():
+        st = h.pop("weight_storages", {})
+        h["weights_own"] = sum(n for ptr, n in st.items() if counts[ptr] == 1)
     rss_before = _read_pss_rss(os.getpid())[1]
     unreachable = gc.collect()  # cyclic garbage left behind (nnU-Net's matplotlib figures are cycles)
     garbage = {"objects": unreachable, "rss_freed": rss_before - _read_pss_rss(os.getpid())[1]}
@@ -620,7 +630,8 @@ CATEGORIES = [
       "sim FedAvg.aggregate (rest: weighted sum)", "sim check_update (names, shapes, finite)",
       "sim save_server_state (global arrays)", "fed on_round_start (rest)", "fed on_round_end (rest)",
       "fed round_metrics", "fed train_round (rest)", "fed trainer.run_round (rest)",
-      "sim SimulatedSite.run_round (rest: network.to)", "sim suspend (rest: optimizer.state.clear)",
+      "sim SimulatedSite.run_round (rest)", "sim SimulatedSite.resume (RNG, optimizer state device)",
+      "sim suspend (rest: RNG state, heap trim)",
       "sim metrics append", "sim metrics read", "sim metrics truncate")),
     ("federation metrics plot (federation_progress.png)", ("sim federation_progress.png plot",)),
     ("setup: trainer lookup/construction, network, data loaders, plans copies",
@@ -794,7 +805,7 @@ def benchmark_memory(args, ids, env_extra) -> None:
         if not s:
             raise RuntimeError("no memory samples")
         fc = r["profile"]["first_call_wall"]
-        first_round = fc.get("sim SimulatedSite.run_round (rest: network.to)")
+        first_round = fc.get("sim SimulatedSite.run_round (rest)")
         first_final = fc.get("save_checkpoint [final]")
         setup = [x for x in s if first_round is None or x[0] < first_round]
         rounds = [x for x in s if first_round and first_final and first_round <= x[0] < first_final]
@@ -826,7 +837,8 @@ def benchmark_memory(args, ids, env_extra) -> None:
               f"garbage found by gc.collect() at the end: {row['garbage'].get('objects', '?')} objects, "
               f"{fmt_mib(row['garbage'].get('rss_freed', 0))} RSS freed")
         if h:
-            print(f"        a suspended site holds: weights {fmt_mib(h['weights'])}, gradients {fmt_mib(h['grads'])}, "
+            print(f"        a suspended site holds: weights {fmt_mib(h['weights'])} (of which in storage no other site "
+                  f"uses {fmt_mib(h.get('weights_own', h['weights']))}), gradients {fmt_mib(h['grads'])}, "
                   f"optimizer state {fmt_mib(h['optimizer_state'])}, live data loader workers "
                   f"{h['dataloader_workers_alive']}")
     print(f"  one copy of the network weights (parameter bytes, each tensor once, fp32): {fmt_mib(weights)} "

@@ -136,6 +136,49 @@ def test_resume_after_kill_continues_from_last_round(site_env):
         torch.testing.assert_close(resumed_global[k], straight_global[k], rtol=1e-5, atol=1e-6)
 
 
+def test_sites_share_one_copy_of_the_shared_weights(site_env, monkeypatch):
+    """All sites' shared tensors live in one storage; local parameters and optimizer state stay per site,
+    and a site's turn neither reads nor changes another site's local parameters."""
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    from nnunet_fed.federation.simulation import SimulatedSite, SimulationConfig, _make_trainer, prepare
+
+    cfg = SimulationConfig(dataset_ids=site_env["ids"][:2], configuration="2d", trainer="nnUNetTrainerFedOAP",
+                           rounds=2, local_steps=2, val_steps=1, device="cpu", progress=False)
+    cls = prepare(cfg)
+    sites = []
+    for name in cfg.site_names:
+        trainer = _make_trainer(cfg, name, cls, torch.device("cpu"))
+        trainer.on_train_start()
+        sites.append(SimulatedSite(trainer))
+    global_arrays = sites[0].trainer.get_shared_arrays()
+    sites[1].share_weights_with(sites[0])
+    a, b = (s.trainer.plain_network.state_dict(keep_vars=True) for s in sites)
+    shared, local = sites[0].trainer.shared_parameter_names(), sites[0].trainer.local_parameter_names()
+    assert shared and local
+    assert all(a[k].data_ptr() == b[k].data_ptr() for k in shared)
+    assert not any(a[k].data_ptr() == b[k].data_ptr() for k in local)
+    for s in sites:
+        s.suspend()
+
+    upd0 = sites[0].run_round(0, global_arrays)
+    local0 = {k: a[k].detach().clone() for k in local}
+    momentum0 = {id(p): st["momentum_buffer"].clone() for p, st in sites[0].trainer.optimizer.state.items()}
+    upd1 = sites[1].run_round(0, global_arrays)
+    for k in local:  # site 1's turn left site 0's local parameters alone
+        torch.testing.assert_close(a[k], local0[k], rtol=0, atol=0)
+    for p, st in sites[0].trainer.optimizer.state.items():  # and its momentum
+        torch.testing.assert_close(st["momentum_buffer"], momentum0[id(p)], rtol=0, atol=0)
+    opt_a, opt_b = (s.trainer.optimizer.state for s in sites)
+    assert len(opt_a) == len(opt_b) > 0
+    assert not {v["momentum_buffer"].data_ptr() for v in opt_a.values()} & {
+        v["momentum_buffer"].data_ptr() for v in opt_b.values()}
+    # both sites trained from the global weights: their updates differ from them and from each other
+    k = next(iter(global_arrays))
+    assert not np.array_equal(upd0.arrays[k], global_arrays[k]) and not np.array_equal(upd1.arrays[k], upd0.arrays[k])
+    for s in sites:
+        s.trainer.release_dataloaders()
+
+
 NAN_TRAINER = '''
 import numpy as np
 from nnunet_fed.federation.trainer import nnUNetTrainerFederated

@@ -1,9 +1,10 @@
 """``nnunet_fed simulate``: every site on one machine, in one process, no network.
 
-Sites train one after the other each round. Between its turns a site keeps only its network weights in
-memory: its optimizer state, RNG state, logger and learning-rate position go to a per-round state file
-(the same file a resumed run starts from), its augmentation workers are stopped and, on CUDA, its
-network waits on the CPU. Updates are folded into the running FedAvg sum as they arrive.
+Sites train one after the other each round. All sites' networks keep their shared weights in one storage
+(each turn starts by writing the global weights into it); what differs between sites stays with each
+(optimizer state, local parameters, logger, learning-rate position, RNG state). A site's augmentation
+workers run only around its turn, and after every round each site writes a state file that an interrupted
+run resumes from. Updates are folded into the running FedAvg sum as they arrive.
 
 Outputs follow nnU-Net's layout::
 
@@ -32,7 +33,7 @@ from batchgenerators.utilities.file_and_folder_operations import load_json, save
 
 from nnunet_fed import sites as site_checks
 from nnunet_fed.federation.records import MetricsLog, load_server_state, save_server_state
-from nnunet_fed.federation.trainer import nnUNetTrainerFederated
+from nnunet_fed.federation.trainer import nnUNetTrainerFederated, capture_rng_state, restore_rng_state
 from nnunet_fed.federation.update import tensor_aliases
 
 ROUND_STATE_DIR = "federated_rounds"
@@ -115,10 +116,10 @@ _M_MMAP_THRESHOLD = -3
 @contextlib.contextmanager
 def own_memory_maps_for_large_blocks(threshold: int = 4 << 20, afterwards: int = 32 << 20):
     """Inside: blocks of ``threshold`` bytes and more get their own memory map, which goes back to the system
-    when the block is freed. Used while a site loads its round state: its momentum buffers (and the checkpoint's
-    temporary tensors) are freed again when the site is suspended, and from the heap they would stay held while
-    the other sites train (glibc raises its mmap threshold after the first such block is freed). Afterwards the
-    threshold is ``afterwards`` (glibc's maximum), so training steps reuse heap blocks for gradients as usual."""
+    when the block is freed. Used while a resumed site loads its round state file: the checkpoint's temporary
+    tensors are freed right after, and from the heap they would stay held while the other sites train (glibc
+    raises its mmap threshold after the first such block is freed). Afterwards the threshold is ``afterwards``
+    (glibc's maximum), so training steps reuse heap blocks for gradients as usual."""
     if _LIBC is not None:
         _LIBC.mallopt(_M_MMAP_THRESHOLD, int(threshold))
     try:
@@ -135,12 +136,21 @@ def release_free_heap() -> None:
 
 
 class SimulatedSite:
-    """One site's trainer inside the simulation, with its state saved after every round."""
+    """One site's trainer inside the simulation, with its state saved after every round.
+
+    Sites train one at a time and every round starts from the global weights, so all sites' networks keep
+    their shared tensors in one storage (``share_weights_with``): the simulation holds one copy of the shared
+    weights, however many sites it has. What differs between sites stays with each: optimizer state (SGD
+    momentum: one copy of the weights per site), local parameters, logger, learning-rate position and RNG
+    state. The round state file written after every round is what an interrupted run resumes from; within
+    one run it is not read back."""
 
     def __init__(self, trainer: nnUNetTrainerFederated):
         self.trainer = trainer
         self.state_dir = os.path.join(trainer.output_folder, ROUND_STATE_DIR)
         os.makedirs(self.state_dir, exist_ok=True)
+        self.resume_from: str | None = None  # a round state file to load at the next turn (resumed run)
+        self._rng_state: dict | None = None
 
     @property
     def name(self) -> str:
@@ -149,30 +159,74 @@ class SimulatedSite:
     def state_file(self, round_index: int) -> str:
         return round_state_file(self.state_dir, round_index)
 
+    def share_weights_with(self, other: "SimulatedSite") -> None:
+        """Let this site's shared tensors use ``other``'s storage (its own is freed). Their values are only
+        meaningful during a site's turn, which starts by writing the global weights into them."""
+        mine = self.trainer.plain_network.state_dict(keep_vars=True)
+        theirs = other.trainer.plain_network.state_dict(keep_vars=True)
+        with torch.no_grad():
+            for name in self.trainer.shared_parameter_names():
+                mine[name].data = theirs[name].data
+
     def run_round(self, round_index: int, global_arrays):
         t = self.trainer
-        t.network.to(t.device)  # before loading the optimizer state, which follows the parameters' device
-        if round_index > 0:
-            with own_memory_maps_for_large_blocks():
-                t.load_checkpoint(self.state_file(round_index - 1))  # optimizer, LR position, RNG, logger
+        self.resume()
         update = t.run_round(global_arrays)
         t.save_round_state(self.state_file(round_index))
         self.suspend()
         return update
 
+    def resume(self) -> None:
+        """Make the site ready to train: its state from memory (or from ``resume_from``)."""
+        t = self.trainer
+        _move_optimizer_state(t.optimizer, t.device)
+        if self.resume_from is not None:
+            with own_memory_maps_for_large_blocks():
+                t.load_checkpoint(self.resume_from)  # weights, optimizer, LR position, RNG, logger
+            self.resume_from = None
+        elif self._rng_state is not None:
+            restore_rng_state(self._rng_state, t.device)
+        self._rng_state = None
+
     def suspend(self) -> None:
-        """Free what the site does not need until its next turn (it is in the round state file)."""
+        """Free what the site does not need until its next turn: data loader workers and gradients; on CUDA
+        the optimizer state waits on the CPU."""
         t = self.trainer
         t.release_dataloaders()
         t.optimizer.zero_grad(set_to_none=True)  # gradients: one more copy of the weights per idle site
-        t.optimizer.state.clear()
+        self._rng_state = capture_rng_state(t.device)
         if t.device.type == "cuda":
-            t.network.to("cpu")
+            _move_optimizer_state(t.optimizer, torch.device("cpu"))
             torch.cuda.empty_cache()
+        release_free_heap()
+
+    def retire(self) -> None:
+        """After the site's final model is written: free its optimizer state too."""
+        self.suspend()
+        self.trainer.optimizer.state.clear()
         release_free_heap()
 
     def prune_states(self, keep_from: int) -> None:
         prune_round_states(self.state_dir, keep_from)
+
+
+def _move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    for st in optimizer.state.values():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.device != device:
+                st[k] = v.to(device)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global random generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def site_seed(seed: int, site_index: int) -> int:
+    """The seed of one site's random stream, independent of the other sites' (numpy's SeedSequence)."""
+    return int(np.random.SeedSequence([int(seed), int(site_index)]).generate_state(1)[0])
 
 
 def _make_trainer(cfg: SimulationConfig, site_name: str, trainer_cls, device: torch.device) -> nnUNetTrainerFederated:
@@ -299,22 +353,27 @@ def simulate(cfg: SimulationConfig) -> dict:
     if start_round:
         print(f"resuming {cfg.federation_name} after round {start_round}/{cfg.rounds} ({fold_dir})")
     if not state:
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
+        seed_everything(cfg.seed)
 
     sites = []
-    for name in cfg.site_names:
+    global_arrays = state["global_arrays"] if state else None
+    for k, name in enumerate(cfg.site_names):
         trainer = _make_trainer(cfg, name, trainer_cls, device)
         trainer.on_train_start()  # network, optimizer, data loaders, plans copied to the output folder
         site = SimulatedSite(trainer)
-        if start_round > 0 and not os.path.isfile(site.state_file(start_round - 1)):
-            raise site_checks.FederationSetupError(
-                f"site {name}: cannot resume after round {start_round}: {site.state_file(start_round - 1)} missing")
+        if start_round > 0:
+            site.resume_from = site.state_file(start_round - 1)
+            if not os.path.isfile(site.resume_from):
+                raise site_checks.FederationSetupError(
+                    f"site {name}: cannot resume after round {start_round}: {site.resume_from} missing")
+        if global_arrays is None:
+            global_arrays = trainer.get_shared_arrays()  # round 0 starts from the first site's initial weights
+        if sites:
+            site.share_weights_with(sites[0])
+        seed_everything(site_seed(cfg.seed, k))  # each site its own random stream (augmentation, noise)
         site.suspend()
         sites.append(site)
 
-    global_arrays = state["global_arrays"] if state else sites[0].trainer.get_shared_arrays()
     metrics = MetricsLog(fold_dir)
     metrics.truncate(start_round)
     strategy = trainer_cls.make_server_strategy(sites[0].trainer.options)
@@ -368,16 +427,14 @@ def simulate(cfg: SimulationConfig) -> dict:
     # final models: every site gets the final global (shared) parameters
     for site in sites:
         t = site.trainer
-        t.network.to(t.device)
-        with own_memory_maps_for_large_blocks():
-            t.load_checkpoint(site.state_file(cfg.rounds - 1))
+        site.resume()  # the state after the last round (from the round state file if no round ran here)
         t.finish_federation(global_arrays)
         t.on_train_end()  # checkpoint_final.pth in nnU-Net's layout
         if cfg.final_validation:
             t.console_output = True
             t.perform_actual_validation(False)
         gc.collect()  # nnU-Net's progress plot (matplotlib figures are reference cycles)
-        site.suspend()  # the next site's final step does not need this one's optimizer state
+        site.retire()  # the next site's final step does not need this one's optimizer state
     global_ckpt = write_global_model(cfg, sites[0].trainer, global_arrays, fold_dir)
     metrics.plot()
     return {
