@@ -466,10 +466,57 @@ def worker_federated(spec: dict) -> dict:
             "ru_maxrss_children_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}
 
 
+def worker_held(spec: dict) -> dict:
+    """What each site keeps between its turns, one site at a time: the main process's RSS after every site's
+    set-up and after every site's turn (augmentation in the main process, nnUNet_n_proc_DA=0, so no worker
+    shares or copies its pages; cyclic garbage collected and the heap trimmed before each reading)."""
+    import gc
+
+    import torch
+
+    from nnunet_fed.federation import simulation as S
+
+    def rss() -> int:
+        return _read_pss_rss(os.getpid())[1]
+
+    cfg = S.SimulationConfig(dataset_ids=[str(i) for i in spec["site_ids"]], configuration=CONFIGURATION,
+                             rounds=spec["rounds"], local_steps=spec["local_steps"], val_steps=spec["val_steps"],
+                             device="cpu", progress=True)
+    cls = S.prepare(cfg)
+    torch.set_num_threads(1)
+    sites, readings = [], {"setup": [], "round0": [], "round1": []}
+
+    def reading(phase):
+        gc.collect()
+        S.release_free_heap()
+        readings[phase].append(rss())
+
+    reading("setup")
+    for name in cfg.site_names:  # what simulate() does, one reading per site
+        t = S._make_trainer(cfg, name, cls, torch.device("cpu"))
+        t.on_train_start()
+        site = S.SimulatedSite(t)
+        if sites:
+            site.share_weights_with(sites[0])
+        site.suspend()
+        sites.append(site)
+        reading("setup")
+    arrays = sites[0].trainer.get_shared_arrays()
+    reading("round0")
+    for site in sites:
+        site.run_round(0, arrays)
+        reading("round0")
+    readings["round1"].append(readings["round0"][-1])
+    for site in sites:
+        site.run_round(1, arrays)
+        reading("round1")
+    return {"readings": readings}
+
+
 def worker_main(kind: str, spec_path: str) -> None:
     with open(spec_path) as f:
         spec = json.load(f)
-    result = {"vanilla": worker_vanilla, "federated": worker_federated}[kind](spec)
+    result = {"vanilla": worker_vanilla, "federated": worker_federated, "held": worker_held}[kind](spec)
     result["n_proc_DA_env"] = os.environ.get("nnUNet_n_proc_DA")
     with open(spec["out"] + ".tmp", "w") as f:
         json.dump(result, f)
@@ -857,6 +904,26 @@ def benchmark_memory(args, ids, env_extra) -> None:
         verdict = "within" if per <= 1.25 * weights else "ABOVE"
         print(f"  target: growth per extra site <= ~1 copy of the weights ({fmt_mib(weights)}): measured "
               f"{fmt_mib(per)} per site -> {verdict} target")
+    K = max(args.memory_sites)
+    r = run_worker("held", {"site_ids": ids[:K], "rounds": 2, "local_steps": args.mem_local_steps,
+                            "val_steps": args.mem_val_steps}, args.workdir, "results_held", f"held_K{K}",
+                   {**env_extra, "nnUNet_n_proc_DA": "0"})
+    rd = r["readings"]
+
+    def steps(xs):
+        return [b - a for a, b in zip(xs, xs[1:])]
+
+    setup, first, second = steps(rd["setup"]), steps(rd["round0"]), steps(rd["round1"])
+    print(f"  what a site keeps between turns (K={K}, augmentation in the main process, main process RSS after "
+          f"each site, garbage collected, heap trimmed):")
+    print(f"    its set-up: {', '.join(f'{x / 2**20:.1f}' for x in setup)} MiB (the first site builds the one copy "
+          f"of the shared weights)")
+    print(f"    its first turn: {', '.join(f'{x / 2**20:.1f}' for x in first)} MiB (the first turn of the first "
+          f"site also allocates the training buffers every turn reuses)")
+    print(f"    its second turn: {', '.join(f'{x / 2**20:.1f}' for x in second)} MiB")
+    held = statistics.median(setup[1:] or setup) + statistics.median(first[1:] or first)
+    print(f"    -> per extra site (median set-up + first turn of sites 2..K): {fmt_mib(held)} = "
+          f"{held / weights:.2f} x the weights")
 
 
 def main(argv=None) -> None:
@@ -880,7 +947,7 @@ def main(argv=None) -> None:
                    help="before each run wait up to this many s for other processes to go quiet "
                         "(default 300, --quick 30; 0: no check)")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny R/N, one repeat")
-    p.add_argument("--_worker", choices=["vanilla", "federated"], help=argparse.SUPPRESS)
+    p.add_argument("--_worker", choices=["vanilla", "federated", "held"], help=argparse.SUPPRESS)
     p.add_argument("--_spec", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
