@@ -492,13 +492,7 @@ def worker_held(spec: dict) -> dict:
         readings[phase].append(rss())
 
     reading("setup")
-    for name in cfg.site_names:  # what simulate() does, one reading per site
-        t = S._make_trainer(cfg, name, cls, torch.device("cpu"))
-        t.on_train_start()
-        site = S.SimulatedSite(t)
-        if sites:
-            site.share_weights_with(sites[0])
-        site.suspend()
+    for site in S.start_sites(cfg, cls, torch.device("cpu")):  # what simulate() does, one reading per site
         sites.append(site)
         reading("setup")
     arrays = sites[0].trainer.get_shared_arrays()

@@ -140,25 +140,17 @@ def test_sites_share_one_copy_of_the_shared_weights(site_env, monkeypatch):
     """All sites' shared tensors live in one storage; local parameters and optimizer state stay per site,
     and a site's turn neither reads nor changes another site's local parameters."""
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
-    from nnunet_fed.federation.simulation import SimulatedSite, SimulationConfig, _make_trainer, prepare
+    from nnunet_fed.federation.simulation import SimulationConfig, prepare, start_sites
 
     cfg = SimulationConfig(dataset_ids=site_env["ids"][:2], configuration="2d", trainer="nnUNetTrainerFedOAP",
                            rounds=2, local_steps=2, val_steps=1, device="cpu", progress=False)
-    cls = prepare(cfg)
-    sites = []
-    for name in cfg.site_names:
-        trainer = _make_trainer(cfg, name, cls, torch.device("cpu"))
-        trainer.on_train_start()
-        sites.append(SimulatedSite(trainer))
+    sites = list(start_sites(cfg, prepare(cfg), torch.device("cpu")))
     global_arrays = sites[0].trainer.get_shared_arrays()
-    sites[1].share_weights_with(sites[0])
     a, b = (s.trainer.plain_network.state_dict(keep_vars=True) for s in sites)
     shared, local = sites[0].trainer.shared_parameter_names(), sites[0].trainer.local_parameter_names()
     assert shared and local
     assert all(a[k].data_ptr() == b[k].data_ptr() for k in shared)
     assert not any(a[k].data_ptr() == b[k].data_ptr() for k in local)
-    for s in sites:
-        s.suspend()
 
     upd0 = sites[0].run_round(0, global_arrays)
     local0 = {k: a[k].detach().clone() for k in local}

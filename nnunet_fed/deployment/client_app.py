@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import sys
 import time
-import zlib
 
-import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -29,7 +26,7 @@ from nnunet_fed import sites as site_checks
 from nnunet_fed.deployment import messages as msgs
 from nnunet_fed.deployment.runconfig import RunSettings
 from nnunet_fed.federation.simulation import (ROUND_STATE_DIR, SimulationConfig, _make_trainer, prune_round_states,
-                                             round_state_file, round_state_files)
+                                             round_state_file, round_state_files, seed_everything, site_seed)
 from nnunet_fed.federation.update import Update
 
 FEDERATED_LOG = "training_log_federated.txt"
@@ -101,10 +98,7 @@ class DeployedSite:
         t0 = time.time()
         previous = None
         self.trainer = None
-        seed = (self.run.seed + zlib.crc32(self.name.encode())) % 2 ** 31
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
+        seed_everything(site_seed(self.run.seed, self.name))
         if self.device.type == "cpu":
             torch.set_num_threads(os.cpu_count() or 1)
         t = _make_trainer(self.cfg, self.name, self.trainer_cls, self.device)

@@ -24,6 +24,7 @@ import random
 import re
 import shutil
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
@@ -202,9 +203,8 @@ class SimulatedSite:
 
     def retire(self) -> None:
         """After the site's final model is written: free its optimizer state too."""
-        self.suspend()
         self.trainer.optimizer.state.clear()
-        release_free_heap()
+        self.suspend()
 
     def prune_states(self, keep_from: int) -> None:
         prune_round_states(self.state_dir, keep_from)
@@ -224,9 +224,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def site_seed(seed: int, site_index: int) -> int:
-    """The seed of one site's random stream, independent of the other sites' (numpy's SeedSequence)."""
-    return int(np.random.SeedSequence([int(seed), int(site_index)]).generate_state(1)[0])
+def site_seed(seed: int, site_name: str) -> int:
+    """The seed of one site's random streams: the same for a site in a simulation and in a Flower deployment,
+    different for every site."""
+    return (int(seed) + zlib.crc32(site_name.encode())) % 2 ** 31
 
 
 def _make_trainer(cfg: SimulationConfig, site_name: str, trainer_cls, device: torch.device) -> nnUNetTrainerFederated:
@@ -296,6 +297,29 @@ def check_same_network(cfg: SimulationConfig, trainer_cls) -> None:
                     f"give different networks: plan them together (nnunet_fed plan / --federated-planning)")
 
 
+def start_sites(cfg: SimulationConfig, trainer_cls, device: torch.device, start_round: int = 0):
+    """Build every site's trainer as nnUNetv2_train does and yield it as a suspended ``SimulatedSite``: network,
+    optimizer and data loaders set up, shared weights in the first site's storage, its own random stream; a
+    resumed run (``start_round`` > 0) loads the site's last round state file at its first turn."""
+    first = None
+    for name in cfg.site_names:
+        trainer = _make_trainer(cfg, name, trainer_cls, device)
+        trainer.on_train_start()  # network, optimizer, data loaders, plans copied to the output folder
+        site = SimulatedSite(trainer)
+        if start_round > 0:
+            site.resume_from = site.state_file(start_round - 1)
+            if not os.path.isfile(site.resume_from):
+                raise site_checks.FederationSetupError(
+                    f"site {name}: cannot resume after round {start_round}: {site.resume_from} missing")
+        if first is None:
+            first = site
+        else:
+            site.share_weights_with(first)
+        seed_everything(site_seed(cfg.seed, name))  # each site its own random stream (augmentation, noise)
+        site.suspend()
+        yield site
+
+
 def global_model_folder(cfg: SimulationConfig) -> str:
     return os.path.join(os.environ["nnUNet_results"], cfg.federation_name,
                         f"{cfg.trainer}__{cfg.plans_identifier}__{cfg.configuration}")
@@ -355,25 +379,8 @@ def simulate(cfg: SimulationConfig) -> dict:
     if not state:
         seed_everything(cfg.seed)
 
-    sites = []
-    global_arrays = state["global_arrays"] if state else None
-    for k, name in enumerate(cfg.site_names):
-        trainer = _make_trainer(cfg, name, trainer_cls, device)
-        trainer.on_train_start()  # network, optimizer, data loaders, plans copied to the output folder
-        site = SimulatedSite(trainer)
-        if start_round > 0:
-            site.resume_from = site.state_file(start_round - 1)
-            if not os.path.isfile(site.resume_from):
-                raise site_checks.FederationSetupError(
-                    f"site {name}: cannot resume after round {start_round}: {site.resume_from} missing")
-        if global_arrays is None:
-            global_arrays = trainer.get_shared_arrays()  # round 0 starts from the first site's initial weights
-        if sites:
-            site.share_weights_with(sites[0])
-        seed_everything(site_seed(cfg.seed, k))  # each site its own random stream (augmentation, noise)
-        site.suspend()
-        sites.append(site)
-
+    sites = list(start_sites(cfg, trainer_cls, device, start_round))
+    global_arrays = state["global_arrays"] if state else sites[0].trainer.get_shared_arrays()  # its initial weights
     metrics = MetricsLog(fold_dir)
     metrics.truncate(start_round)
     strategy = trainer_cls.make_server_strategy(sites[0].trainer.options)
