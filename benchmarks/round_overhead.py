@@ -269,7 +269,7 @@ def _batch_kind(args, kwargs) -> str:
     return "data: wait for batch (steady)" if args[0].initialized else "data: wait for 1st batch after start"
 
 
-def instrument_common(prof: Profiler) -> None:
+def instrument_common(prof: Profiler) -> dict:
     """The same wrappers in both arms (nnU-Net's own trainer, logger and data loader)."""
     from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
     from nnunetv2.training.logging.nnunet_logger import LocalLogger
@@ -315,6 +315,7 @@ def instrument_common(prof: Profiler) -> None:
               after=lambda args, _: pending.update(train=0, val=0))
     prof.wrap(NonDetMultiThreadedAugmenter, "_finish", "data: stop workers")
     prof.wrap(NonDetMultiThreadedAugmenter, "__next__", keyfn=_batch_kind)
+    return pending
 
 
 def _suspended_site_holdings(site) -> dict:
@@ -334,7 +335,7 @@ def _suspended_site_holdings(site) -> dict:
                                             for dl in (t.dataloader_train, t.dataloader_val))}
 
 
-def instrument_federated(prof: Profiler, holdings: dict) -> None:
+def instrument_federated(prof: Profiler, holdings: dict, step_counts: dict) -> None:
     from nnunet_fed.federation import aggregation, records, simulation
     from nnunet_fed.federation.trainer import nnUNetTrainerFederated as F
 
@@ -353,6 +354,24 @@ def instrument_federated(prof: Profiler, holdings: dict) -> None:
                       ("print_to_log_file", "print_to_log_file (fed wrapper)")]:
         prof.wrap(F, attr, key, optional=True)
     prof.wrap(F, "save_checkpoint", keyfn=_checkpoint_kind, optional=True)
+    try:  # the simulation's one augmentation pool (same categories as nnU-Net's augmenter above)
+        from nnunet_fed.federation import augmentation_pool as ap
+
+        first_batch = set()
+
+        def pooled_batch_kind(args, kwargs):
+            if args[0].slot in first_batch:
+                return "data: wait for batch (steady)"
+            first_batch.add(args[0].slot)
+            return "data: wait for 1st batch after start"
+
+        prof.wrap(ap.AugmentationPool, "__init__", "data: start workers (fork)",
+                  after=lambda args, _: step_counts.update(train=0, val=0))
+        prof.wrap(ap.AugmentationPool, "close", "data: stop workers")
+        prof.wrap(ap.PooledLoader, "__next__", keyfn=pooled_batch_kind)
+        prof.wrap(F, "build_data_loaders", "fed build_data_loaders (rest)", optional=True)
+    except ImportError:
+        prof.missing.append("nnunet_fed.federation.augmentation_pool")
     S = simulation.SimulatedSite
     prof.wrap(S, "run_round", "sim SimulatedSite.run_round (rest)", optional=True)
     prof.wrap(S, "resume", "sim SimulatedSite.resume (RNG, optimizer state device)", optional=True)
@@ -415,8 +434,7 @@ def worker_federated(spec: dict) -> dict:
 
     prof = Profiler()
     holdings: dict = {}
-    instrument_common(prof)
-    instrument_federated(prof, holdings)
+    instrument_federated(prof, holdings, instrument_common(prof))
     shutil.rmtree(os.environ["nnUNet_results"], ignore_errors=True)
     os.makedirs(os.environ["nnUNet_results"])
     cfg = SimulationConfig(dataset_ids=[str(i) for i in spec["site_ids"]], configuration=CONFIGURATION,
@@ -681,7 +699,8 @@ CATEGORIES = [
       "fed initialize (rest: FedProx hook)", "nnU-Net get_dataloaders (transforms, datasets)",
       "nnU-Net on_train_start (rest: unpack check, plans copy)", "fed on_train_start (rest: split)",
       "print_plans", "plot_network_architecture", "_save_debug_information",
-      "nnU-Net get_tr_and_val_datasets (split)", "sim check_same_network", "sim make_strategy")),
+      "nnU-Net get_tr_and_val_datasets (split)", "sim check_same_network", "sim make_strategy",
+      "fed build_data_loaders (rest)")),
     ("finish: final checkpoints, global model", ("save_checkpoint [final]", "nnU-Net on_train_end (rest)",
                                                  "sim write_global_model")),
     ("unattributed (loops, small calls)", ("TOTAL (unattributed: loop, logger)",)),

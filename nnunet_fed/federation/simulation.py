@@ -2,9 +2,10 @@
 
 Sites train one after the other each round. All sites' networks keep their shared weights in one storage
 (each turn starts by writing the global weights into it); what differs between sites stays with each
-(optimizer state, local parameters, logger, learning-rate position, RNG state). A site's augmentation
-workers run only around its turn, and after every round each site writes a state file that an interrupted
-run resumes from. Updates are folded into the running FedAvg sum as they arrive.
+(optimizer state, local parameters, logger, learning-rate position, RNG state). Every site's batches come
+from one pool of augmentation workers, forked before any network exists (``augmentation_pool``). After every
+round each site writes a state file that an interrupted run resumes from. Updates are folded into the
+running FedAvg sum as they arrive.
 
 Outputs follow nnU-Net's layout::
 
@@ -33,6 +34,7 @@ import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
 
 from nnunet_fed import sites as site_checks
+from nnunet_fed.federation.augmentation_pool import AugmentationPool, pool_available
 from nnunet_fed.federation.records import MetricsLog, load_server_state, save_server_state
 from nnunet_fed.federation.trainer import nnUNetTrainerFederated, capture_rng_state, restore_rng_state
 from nnunet_fed.federation.update import tensor_aliases
@@ -297,13 +299,40 @@ def check_same_network(cfg: SimulationConfig, trainer_cls) -> None:
                     f"give different networks: plan them together (nnunet_fed plan / --federated-planning)")
 
 
-def start_sites(cfg: SimulationConfig, trainer_cls, device: torch.device, start_round: int = 0):
+def start_augmentation_pool(trainers: Sequence[nnUNetTrainerFederated], seed: int) -> AugmentationPool | None:
+    """One pool of augmentation workers for all sites (see ``augmentation_pool``), forked now, before any
+    network exists, with every site's nnU-Net data loaders. ``None`` where nnU-Net would augment in the main
+    process (nnUNet_n_proc_DA=0) or the platform cannot fork: each site then keeps nnU-Net's own augmenters."""
+    from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+
+    n = get_allowed_n_proc_DA()
+    if n == 0 or not pool_available():
+        return None
+    loaders = {t.site_name: t.build_data_loaders() for t in trainers}
+    # as many workers as nnU-Net starts for one trainer (training plus validation), however many sites there are
+    pool = AugmentationPool(loaders, num_processes=n + max(1, n // 2), num_cached=max(6, n // 2), seed=seed,
+                            pin_memory=trainers[0].device.type == "cuda")
+    for t in trainers:
+        t.use_dataloaders(*pool.loaders_for(t.site_name))
+    return pool
+
+
+def start_sites(cfg: SimulationConfig, trainer_cls, device: torch.device, start_round: int = 0,
+                stack: contextlib.ExitStack | None = None):
     """Build every site's trainer as nnUNetv2_train does and yield it as a suspended ``SimulatedSite``: network,
     optimizer and data loaders set up, shared weights in the first site's storage, its own random stream; a
-    resumed run (``start_round`` > 0) loads the site's last round state file at its first turn."""
+    resumed run (``start_round`` > 0) loads the site's last round state file at its first turn.
+
+    With an ``ExitStack``, the sites' batches come from one ``AugmentationPool`` that the stack closes;
+    without, every site has nnU-Net's own augmenters."""
+    trainers = [_make_trainer(cfg, name, trainer_cls, device) for name in cfg.site_names]
+    if stack is not None:
+        pool = start_augmentation_pool(trainers, cfg.seed)
+        if pool is not None:
+            stack.callback(pool.close)
     first = None
-    for name in cfg.site_names:
-        trainer = _make_trainer(cfg, name, trainer_cls, device)
+    for trainer in trainers:
+        name = trainer.site_name
         trainer.on_train_start()  # network, optimizer, data loaders, plans copied to the output folder
         site = SimulatedSite(trainer)
         if start_round > 0:
@@ -379,7 +408,13 @@ def simulate(cfg: SimulationConfig) -> dict:
     if not state:
         seed_everything(cfg.seed)
 
-    sites = list(start_sites(cfg, trainer_cls, device, start_round))
+    with contextlib.ExitStack() as stack:  # closes the augmentation workers, however the run ends
+        return _federate(cfg, trainer_cls, device, fold_dir, state, start_round, stack)
+
+
+def _federate(cfg: SimulationConfig, trainer_cls, device: torch.device, fold_dir: str, state: dict | None,
+              start_round: int, stack: contextlib.ExitStack) -> dict:
+    sites = list(start_sites(cfg, trainer_cls, device, start_round, stack))
     global_arrays = state["global_arrays"] if state else sites[0].trainer.get_shared_arrays()  # its initial weights
     metrics = MetricsLog(fold_dir)
     metrics.truncate(start_round)
@@ -399,7 +434,8 @@ def simulate(cfg: SimulationConfig) -> dict:
 
             def updates():
                 for i, site in enumerate(sites):
-                    # the next site's augmentation workers start now and fill their queues during this turn
+                    # this site's batches, then the next site's: prepared while this site trains
+                    site.trainer.start_dataloaders()  # nothing to do when asked for during the previous turn
                     following = sites[i + 1] if i + 1 < len(sites) else (sites[0] if r + 1 < cfg.rounds else None)
                     if following is not None and following is not site:
                         following.trainer.start_dataloaders()

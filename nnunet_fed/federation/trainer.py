@@ -27,6 +27,7 @@ from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMu
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch._dynamo import OptimizedModule
 
+from nnunet_fed.federation.augmentation_pool import PooledLoader, augmentation_in_this_process
 from nnunet_fed.federation.update import SharingPolicy, Update
 
 # Under plain nnUNetv2_train the schedule and every trainer option come from nnUNet_fed_<name> variables
@@ -202,9 +203,28 @@ class nnUNetTrainerFederated(nnUNetTrainer):
         self.optimizer.register_step_pre_hook(self._add_proximal_gradient)
 
     def on_train_start(self):
-        super().on_train_start()
+        preset = self.__dict__.pop("_preset_dataloaders", None)
+        if preset is not None:  # nnU-Net's on_train_start would build (and start) its own augmenters
+            self.get_dataloaders = lambda: preset
+        try:
+            super().on_train_start()
+        finally:
+            self.__dict__.pop("get_dataloaders", None)
         tr_keys, _ = self.do_split()
         self.num_training_cases = len(tr_keys)
+
+    def build_data_loaders(self) -> tuple:
+        """This trainer's nnU-Net data loaders (train, val), transforms included, with no worker processes:
+        what ``get_dataloaders`` would hand to its augmenters (any subclass's loaders, e.g. Poisson sampling)."""
+        if not self.was_initialized:
+            self._set_batch_size_and_oversample()  # what initialize() does first; the network is not needed
+        with augmentation_in_this_process():
+            train, val = self.get_dataloaders()
+        return train.data_loader, val.data_loader
+
+    def use_dataloaders(self, train, val) -> None:
+        """Iterate ``train`` and ``val`` instead of the augmenters ``on_train_start`` would build (call before it)."""
+        self._preset_dataloaders = (train, val)
 
     @property
     def plain_network(self) -> torch.nn.Module:
@@ -311,15 +331,22 @@ class nnUNetTrainerFederated(nnUNetTrainer):
 
     # ------------------------------------------------------------------ state between rounds
     def start_dataloaders(self) -> None:
-        """Start the augmentation workers ahead of the site's turn (they fill their queues meanwhile)."""
-        for dl in (self.dataloader_train, self.dataloader_val):
-            if isinstance(dl, (NonDetMultiThreadedAugmenter, MultiThreadedAugmenter)):
+        """Have the next round's batches prepared ahead of the site's turn: pooled loaders are asked for exactly
+        the round's steps; nnU-Net's augmenters start their workers (they fill their queues meanwhile)."""
+        steps = (self.num_iterations_per_epoch, self.num_val_iterations_per_epoch)
+        for dl, n in zip((self.dataloader_train, self.dataloader_val), steps):
+            if isinstance(dl, PooledLoader):
+                dl.prefetch(n)
+            elif isinstance(dl, (NonDetMultiThreadedAugmenter, MultiThreadedAugmenter)):
                 dl._start()
 
     def release_dataloaders(self) -> None:
-        """Stop the augmentation workers (they restart on the next batch request)."""
+        """Between turns: pooled loaders drop requests not yet started; nnU-Net's augmenters stop their workers
+        (they restart on the next batch request)."""
         for dl in (self.dataloader_train, self.dataloader_val):
-            if isinstance(dl, (NonDetMultiThreadedAugmenter, MultiThreadedAugmenter)):
+            if isinstance(dl, PooledLoader):
+                dl.cancel()
+            elif isinstance(dl, (NonDetMultiThreadedAugmenter, MultiThreadedAugmenter)):
                 dl._finish()
 
     def save_checkpoint(self, filename: str) -> None:
