@@ -133,6 +133,7 @@ class AugmentationPool:
         self._received = [queue.Queue() for _ in self.slots]  # batches off the pipe, waiting for their site
         self._receivers: list[threading.Thread | None] = [None] * len(self.slots)
         self._closing = False
+        self._receive_error: str | None = None
         self._clock = 0
         self._failure: str | None = None
         self._workers = []
@@ -174,6 +175,8 @@ class AugmentationPool:
 
     def get(self, slot: int):
         while True:
+            if self._failure is not None or self._abort.is_set():  # a failed pool fails for every site
+                self._raise_if_failed(slot)
             try:
                 item = self._received[slot].get(timeout=0.1)
             except Empty:
@@ -192,9 +195,11 @@ class AugmentationPool:
             except Empty:
                 continue
             except Exception as e:  # noqa: BLE001 (reported to the site that asked)
-                site, split = self.slots[slot]
-                self._failure = f"site {site}: receiving a {split} batch from an augmentation worker failed: {e!r}"
-                self._abort.set()
+                if not self._abort.is_set():  # else a worker failed first: its error is the one to report
+                    site, split = self.slots[slot]
+                    self._receive_error = (f"site {site}: receiving a {split} batch from an augmentation worker "
+                                           f"failed: {e!r}")
+                    self._abort.set()
                 return
             if self.pin_memory and torch.cuda.is_available():
                 item = pin_memory_of_all_eligible_items_in_dict(item)
@@ -208,7 +213,7 @@ class AugmentationPool:
                 self._failure = (f"site {site}: making a {split} batch failed in an augmentation worker "
                                  f"(its data loader or transforms):\n{tb}")
             except Empty:
-                self._failure = "the augmentation workers were stopped"
+                self._failure = self._receive_error or "the augmentation workers were stopped"
         if self._failure is None and not all(p.is_alive() for p in self._workers):
             self._abort.set()
             codes = [p.exitcode for p in self._workers]
