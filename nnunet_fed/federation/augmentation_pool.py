@@ -122,7 +122,6 @@ class AugmentationPool:
                 loader.was_initialized = False  # each worker starts its own pass (as NonDetMultiThreadedAugmenter)
         self.num_cached = int(num_cached)
         self.pin_memory = pin_memory
-        self.wait_time = wait_time
         self._requested = ctx.RawArray("q", len(self.slots))  # batches still to make, per slot
         self._order = ctx.RawArray("q", len(self.slots))  # when the slot's outstanding request was made
         self._lock = ctx.Lock()
@@ -259,10 +258,6 @@ class PooledLoader:
 
     def __init__(self, pool: AugmentationPool, slot: int, chunk: int):
         self.pool, self.slot, self.chunk = pool, slot, int(chunk)
-
-    @property
-    def site(self) -> str:
-        return self.pool.slots[self.slot][0]
 
     def prefetch(self, n: int) -> None:
         """Have ``n`` batches made or on their way (counting those already asked for)."""
