@@ -51,7 +51,18 @@ def cmd_simulate(args) -> int:
 
     fold = args.fold if args.fold == "all" else int(args.fold)
     plans_identifier = args.plans
-    if args.federated_planning:  # round 0: fingerprint summaries, merged plans, site preprocessing
+    if args.dp_epsilon is not None and not args.federated_planning:
+        raise FederationSetupError("--dp-epsilon is the epsilon of the planning summaries: it needs "
+                                   "--federated-planning")
+    if args.federated_planning:
+        from nnunet_fed.sites import find_trainer
+
+        trainer_cls = find_trainer(args.trainer)
+        options = trainer_cls.resolve_options(parse_options(args.option))  # bad options fail before planning
+        if trainer_cls.private and args.dp_epsilon is None and not options.get("public_plans"):
+            raise FederationSetupError(
+                f"{args.trainer} is differentially private: plan with DP summaries (add --dp-epsilon E; E counts in "
+                f"the same total as training) or declare the plans public (-o public_plans=true)")  # round 0: fingerprint summaries, merged plans, site preprocessing
         from nnunet_fed.plans.federated_planning import run_federated_planning
 
         plans_identifier = run_federated_planning(args.datasets, configurations=(args.configuration,),
@@ -140,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     from nnunet_fed.privacy.audit import add_audit_command
 
     add_audit_command(sub)
+
+    from nnunet_fed.privacy.ledger import add_privacy_report_command
+
+    add_privacy_report_command(sub)
 
     p = sub.add_parser("trainer-path", help="print the folder to put in nnUNet_extTrainer")
     p.set_defaults(func=cmd_trainer_path)

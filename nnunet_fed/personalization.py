@@ -113,7 +113,12 @@ class LocalFineTuning:
         if self.local_rank == 0:
             from nnunet_fed.sites import write_json_atomic
 
-            write_json_atomic(record, os.path.join(self.output_folder, FINETUNE_RECORD))
+            shared = record
+            if self.private:  # the losses are not privatised: they stay in the site's training log
+                self.print_to_log_file(f"fine-tuning losses (kept at the site): {record['losses']}",
+                                       also_print_to_console=False)
+                shared = {**record, "losses": "kept in the site's training log (not privatised)"}
+            write_json_atomic(shared, os.path.join(self.output_folder, FINETUNE_RECORD))
         return record
 
 

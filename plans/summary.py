@@ -219,7 +219,8 @@ def summarize_site(dataset_id_or_name, output_file: str | None = None, num_proce
                    verbose: bool = False) -> dict:
     """Fingerprint the site with nnU-Net (kept local) and return (and write to ``output_file``) its summary.
 
-    ``seed`` seeds the DP noise (tests only: real noise must not be predictable). ``reuse_fingerprint`` keeps
+    ``seed`` seeds the DP noise (tests only: real noise must not be predictable; by default it comes from OS
+    entropy, ``nnunet_fed.privacy.randomness``). ``reuse_fingerprint`` keeps
     an existing local ``dataset_fingerprint.json`` instead of re-extracting it (nnU-Net re-extracts by default).
     """
     from batchgenerators.utilities.file_and_folder_operations import load_json
@@ -273,7 +274,10 @@ def build_summary(name: str, dataset_json: dict, reader_writer_name: str, agg: d
     """The shareable summary from the site's aggregates (:func:`aggregate_cases`), with DP noise if ``dp_epsilon``."""
     dp = None
     if dp_epsilon is not None:
-        dp = _apply_dp(agg, float(dp_epsilon), np.random.default_rng(seed))
+        from nnunet_fed.privacy import randomness
+
+        rng = randomness.numpy_generator() if seed is None else np.random.default_rng(seed)
+        dp = _apply_dp(agg, float(dp_epsilon), rng)
     return {
         "format": SUMMARY_FORMAT,
         "version": SUMMARY_VERSION,

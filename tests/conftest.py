@@ -57,3 +57,21 @@ def run_cli(args, env, timeout=600, check=True):
 
 def nnunet_fed_cmd():
     return [sys.executable, "-m", "nnunet_fed.cli"]
+
+
+def dp_accounting_epsilon(report: dict) -> float:
+    """The total epsilon of a DP site's privacy_report.json (or ledger), recomputed with Google's dp_accounting
+    (RDP) from its single releases (``events``) and training ``history``: an accountant independent of Opacus's."""
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+
+    parts = []
+    for kind, noise, q, count in report["events"]:
+        single = dp_accounting.GaussianDpEvent(noise) if kind == "gaussian" else dp_accounting.LaplaceDpEvent(noise)
+        if q < 1:
+            single = dp_accounting.PoissonSampledDpEvent(q, single)
+        parts.append(dp_accounting.SelfComposedDpEvent(single, int(count)))
+    for z, q, n in report["history"]:
+        parts.append(dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), int(n)))
+    return float(RdpAccountant().compose(dp_accounting.ComposedDpEvent(parts)).get_epsilon(report["delta"]))

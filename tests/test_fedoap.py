@@ -12,10 +12,11 @@ from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from scipy import ndimage
 
-from conftest import nnunet_fed_cmd, run_cli
+from conftest import dp_accounting_epsilon, nnunet_fed_cmd, run_cli
 from nnunet_fed.architectures import FEDOAP_LOCAL_PATTERNS, AdaptedHead, wrap_unet
 from nnunet_fed.federation.update import SharingPolicy, tensor_aliases
 from nnunet_fed.losses import PerturbedBoundaryLoss, boundary_band, wrap_with_pbl
+from nnunet_fed.privacy.per_sample import CLIP_MARGIN
 
 POLICY = SharingPolicy(FEDOAP_LOCAL_PATTERNS)
 
@@ -334,7 +335,7 @@ def test_per_case_clipping_is_exact_on_the_fedoap_network(dim):
         torch.testing.assert_close(norms[i], n, rtol=1e-9, atol=1e-12)
         for p in net.parameters():
             if p.grad is not None:
-                ref[p] += p.grad * min(1.0, clip / (float(n) + 1e-6))
+                ref[p] += p.grad * min(1.0, clip / (float(n) * (1 + CLIP_MARGIN)))
     assert float(norms.min()) > clip
     clipped = {id(p) for p in acc}
     assert any(k.startswith("dca.wq") and id(p) in clipped for k, p in net.named_parameters())  # local ones too
@@ -346,9 +347,6 @@ def test_fedoap_adp_is_private_end_to_end_and_accounts_fine_tuning(site_env, mon
     """nnUNetTrainerFedOAP_ADP: no local parameter is sent; the noise is calibrated over rounds x steps + the
     fine-tuning steps, which run as DP steps with PBL; the epsilon of each site's report is reproduced by
     dp_accounting from the report's history; the round metrics show the spending before fine-tuning."""
-    import dp_accounting
-    from dp_accounting.rdp import RdpAccountant
-
     from nnunet_fed.federation.simulation import SimulationConfig, simulate
 
     sent = _record_sent_updates(monkeypatch)
@@ -357,7 +355,8 @@ def test_fedoap_adp_is_private_end_to_end_and_accounts_fine_tuning(site_env, mon
     out = simulate(SimulationConfig(dataset_ids=site_env["ids"], configuration="2d", trainer=trainer, rounds=rounds,
                                     local_steps=steps, val_steps=1, device="cpu", final_validation=False,
                                     progress=False, trainer_options={"finetune_steps": str(finetune),
-                                                                     "target_epsilon": "4", "expected_batch_size": "3"}))
+                                                                     "target_epsilon": "4", "expected_batch_size": "3",
+                                                                     "public_plans": "true"}))
     assert len(sent) == rounds * 3
     for site, arrays in sent:
         assert arrays and not [k for k in arrays if POLICY.is_local(k)], site
@@ -370,14 +369,12 @@ def test_fedoap_adp_is_private_end_to_end_and_accounts_fine_tuning(site_env, mon
         # calibrated to the whole schedule: the target is reached after fine-tuning, not before
         assert 0.9 * 4 <= rep["epsilon"] <= 4.0
         assert last_round[name]["epsilon"] < rep["epsilon"]
-        event = dp_accounting.ComposedDpEvent([
-            dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), n)
-            for z, q, n in rep["history"]])
-        independent = RdpAccountant().compose(event).get_epsilon(rep["delta"])
-        assert rep["epsilon"] == pytest.approx(independent, rel=0.01)
+        # the total (noisy case count + every step) by an independent accountant
+        assert rep["epsilon"] == pytest.approx(dp_accounting_epsilon(rep), rel=0.01)
         with open(os.path.join(folder, "finetune.json")) as f:
             rec = json.load(f)
-        assert rec["steps"] == finetune and len(rec["losses"]) == finetune and rec["pbl_lambda"] == 0.1
+        # the fine-tuning losses are not privatised: they stay in the site's log, not in finetune.json
+        assert rec["steps"] == finetune and not isinstance(rec["losses"], list) and rec["pbl_lambda"] == 0.1
         ckpt = torch.load(os.path.join(folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
         assert ckpt["trainer_name"] == trainer
     assert out["global_checkpoint"] is None

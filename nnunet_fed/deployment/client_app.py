@@ -13,11 +13,13 @@ the federation's from the run config; a site refuses a run whose trainer or conf
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
 import time
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -27,12 +29,10 @@ from nnunet_fed.deployment import messages as msgs
 from nnunet_fed.deployment.runconfig import RunSettings
 from nnunet_fed.federation.simulation import (ROUND_STATE_DIR, SimulationConfig, _make_trainer, prune_round_states,
                                              round_state_file, round_state_files, seed_everything, site_seed)
-from nnunet_fed.federation.update import Update
+from nnunet_fed.federation.trainer import RELEASED_UPDATE_KEY
+from nnunet_fed.federation.update import Update, shared_dataset_json
 
 FEDERATED_LOG = "training_log_federated.txt"
-# dataset.json entries the global model needs (no case counts, no file lists)
-DATASET_JSON_KEYS = ("channel_names", "labels", "file_ending", "regions_class_order",
-                     "overwrite_image_reader_writer", "name", "description")
 
 
 def _process_age() -> float:
@@ -45,6 +45,16 @@ def _process_age() -> float:
         return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError):
         return float("nan")
+
+
+def arrays_digest(arrays) -> str:
+    """A digest of the global arrays a round starts from (names, dtypes, shapes, bytes)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(arrays or {}):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 class DeployedSite:
@@ -66,6 +76,8 @@ class DeployedSite:
         self.trainer_cls.resolve_options(run.trainer_options)
         self.name = site_checks.dataset_name(dataset)
         site_checks.check_preprocessed(self.name, run.plans, run.configuration)
+        with open(os.path.join(os.environ["nnUNet_preprocessed"], self.name, run.plans + ".json")) as f:
+            self.trainer_cls.check_site_setup(self.name, json.load(f), run.trainer_options)
         device = str(node_config.get("device", "") or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.device = torch.device(device)
         self.cfg = SimulationConfig(dataset_ids=[self.name], configuration=run.configuration, trainer=run.trainer,
@@ -104,13 +116,15 @@ class DeployedSite:
         t = _make_trainer(self.cfg, self.name, self.trainer_cls, self.device)
         self._use_one_log_file(t)
         self.trainer = t
-        t.on_train_start()  # network, optimizer, data loaders (nnU-Net's own)
         previous = self.latest_state_before(round_index)
+        attempt = self.state_file(round_index)
+        # a continued run reads back what the site released once (e.g. a DP site's noisy case count)
+        t.resuming = previous is not None or os.path.isfile(attempt)
+        t.on_train_start()  # network, optimizer, data loaders (nnU-Net's own)
         if previous is not None:
             t.load_checkpoint(previous[1])  # weights (local ones included), optimizer, LR position, RNG, logger
         if t.current_epoch < round_index:  # the site missed rounds: continue at the federation's round
             self._skip_to(round_index)
-        attempt = self.state_file(round_index)
         if round_index < self.run.rounds and os.path.isfile(attempt):
             # this round was trained before and its update sent: what it released stays accounted
             t.carry_over_released(torch.load(attempt, map_location="cpu", weights_only=False))  # the site's own file
@@ -138,19 +152,51 @@ class DeployedSite:
                 values.extend([fill] * (round_index - len(values)))
         t.current_epoch = round_index
 
+    def released_before(self, round_index: int, digest: str) -> Update | None:
+        """The update this site already sent for ``round_index`` from the same global model (the server repeats
+        a round that too few sites answered): sent again, it releases nothing new. None if there is none."""
+        from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+        folder = get_output_folder(self.name, self.run.trainer, self.run.plans, self.run.configuration,
+                                   self.run.fold_value())
+        attempt = round_state_file(os.path.join(folder, ROUND_STATE_DIR), round_index)
+        if not os.path.isfile(attempt):
+            return None
+        state = torch.load(attempt, map_location="cpu", weights_only=False)  # the site's own file
+        record = state.get(RELEASED_UPDATE_KEY)
+        if not record or record.get("digest") != digest:
+            return None
+        weights = state["network_weights"]
+        arrays = {k: weights[k].numpy().copy() for k in record["arrays"]}
+        return Update(site=self.name, arrays=arrays, num_examples=int(record["num_examples"]),
+                      metrics=dict(record["metrics"]))
+
     # ------------------------------------------------------------------ messages
     def train(self, round_index: int, global_arrays) -> Update:
         process_seconds = _process_age()
+        digest = arrays_digest(global_arrays)
+        again = self.released_before(round_index, digest)
+        if again is not None:
+            self.timings = {"setup_seconds": 0.0, "process_seconds": process_seconds, "seconds": 0.0}
+            print(f"site {self.name}: round {round_index + 1} is repeated with the same global model: the update "
+                  f"sent for it before is sent again (nothing new is released)", file=sys.stderr, flush=True)
+            return again
         setup_seconds = self.build(round_index)
         t = self.trainer
         try:
             update = t.run_round(global_arrays)
+            self.timings = {"setup_seconds": setup_seconds, "process_seconds": process_seconds,
+                            "seconds": float(t.logger.get_value("epoch_end_timestamps", step=-1)
+                                             - t.logger.get_value("epoch_start_timestamps", step=-1))}
+            update.metrics = t.release_metrics({**update.metrics, **self.timings})  # a private site keeps them
+            # kept with the round state: a repeated round re-sends exactly this
+            t.released_update = {"digest": digest, "arrays": sorted(update.arrays),
+                                 "num_examples": int(update.num_examples), "metrics": dict(update.metrics)}
             os.makedirs(self.state_dir(), exist_ok=True)
             t.save_round_state(self.state_file(round_index))
             self.prune_states(keep_from=round_index - 1)  # a retried round needs the state before it
         finally:
             t.release_dataloaders()
-        update.metrics.update(setup_seconds=setup_seconds, process_seconds=process_seconds)
         return update
 
     def finish(self, global_arrays, final_validation: bool) -> dict:
@@ -167,7 +213,7 @@ class DeployedSite:
         with open(os.path.join(base, self.run.plans + ".json")) as f:
             plans = json.load(f)
         with open(os.path.join(base, "dataset.json")) as f:
-            dataset_json = {k: v for k, v in json.load(f).items() if k in DATASET_JSON_KEYS}
+            dataset_json = shared_dataset_json(json.load(f))
         return RecordDict({msgs.SITE: ConfigRecord({"name": self.name}),
                            msgs.CONFIG: msgs.json_config(plans=plans, dataset_json=dataset_json)})
 
@@ -190,8 +236,8 @@ def train(msg: Message, context: Context) -> Message:
     global_arrays, config = msgs.read_global(msg)
     update = site.train(int(config["round"]), global_arrays)
     print(f"site {site.name}: round {int(config['round']) + 1}/{site.run.rounds} sent "
-          f"({len(update.arrays)} shared arrays; setup {update.metrics['setup_seconds']:.1f} s, "
-          f"training {update.metrics['seconds']:.1f} s)", file=sys.stderr, flush=True)
+          f"({len(update.arrays)} shared arrays; setup {site.timings['setup_seconds']:.1f} s, "
+          f"training {site.timings['seconds']:.1f} s)", file=sys.stderr, flush=True)
     return Message(msgs.update_to_content(update), reply_to=msg)
 
 

@@ -51,6 +51,8 @@ class MetricsLog:
             f.write(json.dumps(_to_json(record)) + "\n")
 
     def plot(self, png_path: str | None = None) -> str:
+        """Pseudo Dice against rounds, per site; sites that keep their pseudo Dice (DP trainers) are drawn by the
+        epsilon they have spent instead."""
         import matplotlib
 
         matplotlib.use("agg")
@@ -58,19 +60,31 @@ class MetricsLog:
 
         rows = self.read()
         png_path = png_path or os.path.join(os.path.dirname(self.path), PLOT_FILE)
-        fig, ax = plt.subplots(figsize=(7, 4))
         sites = sorted({s for r in rows for s in r["sites"]})
-        for site in sites:
-            pts = [(r["round"] + 1, r["sites"][site].get("pseudo_dice")) for r in rows if site in r["sites"]]
-            pts = [(x, y) for x, y in pts if y is not None]
-            if pts:
+
+        def series(key):
+            out = {}
+            for site in sites:
+                pts = [(r["round"] + 1, r["sites"][site].get(key)) for r in rows if site in r["sites"]]
+                pts = [(x, y) for x, y in pts if y is not None]
+                if pts:
+                    out[site] = pts
+            return out
+
+        dice, eps = series("pseudo_dice"), series("epsilon")
+        panels = [(d, label) for d, label in ((dice, "pseudo Dice (site validation fold)"),
+                                              (eps, "epsilon spent (total)")) if d] or [({}, "pseudo Dice")]
+        fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4), squeeze=False)
+        for ax, (data, label) in zip(axes[0], panels):
+            for site, pts in data.items():
                 ax.plot(*zip(*pts), marker="o", label=site)
-        ax.set_xlabel("round")
-        ax.set_ylabel("pseudo Dice (site validation fold)")
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-        if sites:
-            ax.legend(fontsize=8)
+            ax.set_xlabel("round")
+            ax.set_ylabel(label)
+            if data is dice:
+                ax.set_ylim(0, 1)
+            ax.grid(alpha=0.3)
+            if data:
+                ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(png_path, dpi=100)
         plt.close(fig)

@@ -37,7 +37,8 @@ from nnunet_fed import sites as site_checks
 from nnunet_fed.federation.augmentation_pool import AugmentationPool, pool_available
 from nnunet_fed.federation.records import MetricsLog, load_server_state, save_server_state
 from nnunet_fed.federation.trainer import nnUNetTrainerFederated, capture_rng_state, restore_rng_state
-from nnunet_fed.federation.update import tensor_aliases
+from nnunet_fed.federation.update import shared_dataset_json, tensor_aliases
+from nnunet_fed.privacy import randomness
 
 ROUND_STATE_DIR = "federated_rounds"
 
@@ -187,7 +188,7 @@ class SimulatedSite:
             with own_memory_maps_for_large_blocks():
                 t.load_checkpoint(self.resume_from)  # weights, optimizer, LR position, RNG, logger
             self.resume_from = None
-        elif self._rng_state is not None:
+        elif self._rng_state is not None and not t.private:  # (a private trainer's streams come from OS entropy)
             restore_rng_state(self._rng_state, t.device)
         self._rng_state = None
 
@@ -220,10 +221,12 @@ def _move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python's, numpy's and torch's global random generators."""
+    """Seed Python's, numpy's and torch's global random generators (a private trainer reseeds them from OS entropy
+    where its data pipeline or loss draws from them: ``randomness.use_entropy_in_this_process``)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    randomness.global_generators_seeded()
 
 
 def site_seed(seed: int, site_name: str) -> int:
@@ -256,6 +259,8 @@ def prepare(cfg: SimulationConfig):
     site_checks.check_sites_compatible(names, source="preprocessed")
     for n in names:
         site_checks.check_preprocessed(n, cfg.plans_identifier, cfg.configuration)
+        plans = load_json(os.path.join(os.environ["nnUNet_preprocessed"], n, cfg.plans_identifier + ".json"))
+        trainer_cls.check_site_setup(n, plans, cfg.trainer_options)
     cfg.site_names = names
     check_same_network(cfg, trainer_cls)
     if cfg.federation_name is None:
@@ -326,6 +331,8 @@ def start_sites(cfg: SimulationConfig, trainer_cls, device: torch.device, start_
     With an ``ExitStack``, the sites' batches come from one ``AugmentationPool`` that the stack closes;
     without, every site has nnU-Net's own augmenters."""
     trainers = [_make_trainer(cfg, name, trainer_cls, device) for name in cfg.site_names]
+    for trainer in trainers:
+        trainer.resuming = start_round > 0  # what a site released once (e.g. a noisy case count) is read back
     if stack is not None:
         pool = start_augmentation_pool(trainers, cfg.seed)
         if pool is not None:
@@ -365,7 +372,8 @@ def write_global_model(cfg: SimulationConfig, site0: nnUNetTrainerFederated, glo
     plans = dict(site0.plans_manager.plans)
     plans["dataset_name"] = cfg.federation_name
     save_json(plans, os.path.join(base, "plans.json"), sort_keys=False)
-    save_json(site0.dataset_json, os.path.join(base, "dataset.json"), sort_keys=False)
+    dataset_json = shared_dataset_json(site0.dataset_json)  # no case counts or file lists of any site
+    save_json(dataset_json, os.path.join(base, "dataset.json"), sort_keys=False)
     weights = {k: v.detach().cpu().clone() for k, v in site0.plain_network.state_dict().items()}
     for name, names in tensor_aliases(site0.plain_network).items():
         if name in global_arrays:  # every name of a shared tensor gets the global value
@@ -374,7 +382,7 @@ def write_global_model(cfg: SimulationConfig, site0: nnUNetTrainerFederated, glo
                 weights[alias] = value
     checkpoint = {
         "network_weights": weights,
-        "init_args": site0.my_init_kwargs,
+        "init_args": {**site0.my_init_kwargs, "plans": plans, "dataset_json": dataset_json},
         "trainer_name": site0.__class__.__name__,
         "inference_allowed_mirroring_axes": site0.inference_allowed_mirroring_axes,
         "current_epoch": cfg.rounds,
@@ -458,8 +466,11 @@ def _federate(cfg: SimulationConfig, trainer_cls, device: torch.device, fold_dir
                 site.prune_states(keep_from=r)
             metrics.plot()
             if bar is not None:
-                dice = np.mean([m["pseudo_dice"] for m in record["sites"].values()])
-                bar.write(f"round {r + 1}/{cfg.rounds}: mean pseudo Dice {dice:.3f} "
+                dice = [m["pseudo_dice"] for m in record["sites"].values() if "pseudo_dice" in m]
+                eps = [m["epsilon"] for m in record["sites"].values() if "epsilon" in m]
+                what = f"mean pseudo Dice {np.mean(dice):.3f}" if dice else \
+                    f"epsilon {max(eps):.3g} (pseudo Dice kept at the sites)" if eps else "no metrics released"
+                bar.write(f"round {r + 1}/{cfg.rounds}: {what} "
                           f"({record['seconds']:.1f} s){' rejected: ' + str(len(strategy.rejected)) if strategy.rejected else ''}")
     finally:
         if bar is not None:

@@ -33,6 +33,8 @@ from nnunet_fed.federation.update import SharingPolicy, Update
 # Under plain nnUNetv2_train the schedule and every trainer option come from nnUNet_fed_<name> variables
 # (environment_setting); the nnunet_fed commands set the same attributes through configure_federation().
 ENV_PREFIX = "nnUNet_fed_"
+#: in a round state file: what the site sent for that round (a repeated round re-sends it; see the ClientApp)
+RELEASED_UPDATE_KEY = "released_update"
 SCHEDULE_SETTINGS = ("rounds", "local_steps", "val_steps", "fedprox_mu")
 
 
@@ -92,6 +94,9 @@ class nnUNetTrainerFederated(nnUNetTrainer):
 
     #: which parameters stay at the site; the default shares everything
     sharing_policy = SharingPolicy()
+    #: a private trainer (DP) releases accounted values only: its metrics pass ``release_metrics``, its
+    #: checkpoints hold no random-generator state (its randomness comes from OS entropy)
+    private = False
     #: aggregation rule the server uses for this trainer (see nnunet_fed.federation.aggregation)
     server_strategy = "fedavg"
     #: trainer options and their defaults (merged along the class hierarchy). Under plain nnUNetv2_train an
@@ -127,6 +132,11 @@ class nnUNetTrainerFederated(nnUNetTrainer):
         return resolved
 
     @classmethod
+    def check_site_setup(cls, site_name: str, plans: dict, options: Mapping | None = None) -> None:
+        """Checks a site's set-up before anything is written (``simulate``'s checks, the Flower ClientApp):
+        raise an error naming the site and the problem. The base trainer accepts every plan."""
+
+    @classmethod
     def make_server_strategy(cls, options: Mapping | None = None):
         """The server-side aggregation for this trainer (simulation and Flower ServerApp alike)."""
         from nnunet_fed.federation.aggregation import make_strategy
@@ -148,6 +158,11 @@ class nnUNetTrainerFederated(nnUNetTrainer):
         self.federated_round_reference: dict[str, torch.Tensor] | None = None  # global weights of this round
         self.num_training_cases: int | None = None
         self.console_output = True
+        #: set by a driver (simulate, the Flower ClientApp) that continues a run whose state files exist: what the
+        #: site released once per run (e.g. a DP site's noisy case count) is then read back, not drawn again
+        self.resuming = False
+        #: the update sent for the round that just ended, kept with its round state (set by the Flower ClientApp)
+        self.released_update: dict | None = None
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -304,10 +319,18 @@ class nnUNetTrainerFederated(nnUNetTrainer):
             "local_steps": int(self.num_iterations_per_epoch),
         }
 
+    def release_metrics(self, metrics: dict) -> dict:
+        """The part of a site's metrics that may leave it (a private trainer keeps the rest in its own log)."""
+        return metrics
+
+    def fedavg_weight(self) -> int:
+        """The weight of this site's update in the server's average (``Update.num_examples``)."""
+        return int(self.num_training_cases)
+
     def on_round_end(self) -> Update:
         self.federated_round_reference = None
-        return Update(site=self.site_name, arrays=self.get_shared_arrays(),
-                      num_examples=int(self.num_training_cases), metrics=self.round_metrics())
+        return Update(site=self.site_name, arrays=self.get_shared_arrays(), num_examples=self.fedavg_weight(),
+                      metrics=self.release_metrics(self.round_metrics()))
 
     def run_round(self, global_arrays: Mapping[str, np.ndarray] | None = None) -> Update:
         self.on_round_start(global_arrays)
@@ -349,9 +372,18 @@ class nnUNetTrainerFederated(nnUNetTrainer):
             elif isinstance(dl, (NonDetMultiThreadedAugmenter, MultiThreadedAugmenter)):
                 dl._finish()
 
+    def keeps_checkpoint(self, filename: str) -> bool:
+        """Whether nnU-Net's checkpoint ``filename`` is written at all (a private trainer skips checkpoint_best)."""
+        return True
+
+    def checkpoint_contents(self, filename: str, checkpoint: dict) -> dict:
+        """What goes into ``filename`` (a private trainer strips the final model of values it does not release)."""
+        return checkpoint
+
     def save_checkpoint(self, filename: str) -> None:
-        """nnU-Net's checkpoint plus the RNG state, so that a resumed run continues the same random streams."""
-        if self.local_rank != 0:
+        """nnU-Net's checkpoint plus the RNG state (not for private trainers), so that a resumed run continues the
+        same random streams."""
+        if self.local_rank != 0 or not self.keeps_checkpoint(filename):
             return
         if self._deferred_outputs and os.path.basename(filename) == "checkpoint_best.pth":
             self._best_pending = True  # materialised from the round state file by save_round_state
@@ -369,9 +401,11 @@ class nnUNetTrainerFederated(nnUNetTrainer):
             "init_args": self.my_init_kwargs,
             "trainer_name": self.__class__.__name__,
             "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
-            "rng_state": capture_rng_state(self.device),
+            **({} if self.private else {"rng_state": capture_rng_state(self.device)}),
+            **({RELEASED_UPDATE_KEY: self.released_update} if self.released_update else {}),
             **self.extra_checkpoint_state(),
         }
+        checkpoint = self.checkpoint_contents(filename, checkpoint)
         tmp = filename + ".tmp"
         torch.save(checkpoint, tmp)
         os.replace(tmp, filename)  # never leave a half-written checkpoint behind
@@ -388,8 +422,9 @@ class nnUNetTrainerFederated(nnUNetTrainer):
         self.plain_network.load_state_dict(weights)
         self.my_init_kwargs = checkpoint["init_args"]
         self.current_epoch = checkpoint["current_epoch"]
-        self.logger.load_checkpoint(checkpoint["logging"])
-        self._best_ema = checkpoint["_best_ema"]
+        if "logging" in checkpoint:  # (a private trainer's final model has no training log)
+            self.logger.load_checkpoint(checkpoint["logging"])
+        self._best_ema = checkpoint.get("_best_ema")
         self.inference_allowed_mirroring_axes = checkpoint.get(
             "inference_allowed_mirroring_axes", self.inference_allowed_mirroring_axes)
         self.optimizer.load_state_dict(checkpoint["optimizer_state"])

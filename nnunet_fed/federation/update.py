@@ -8,6 +8,17 @@ from typing import Iterable, Mapping
 import numpy as np
 
 
+#: what a site's dataset.json may show outside the site (setup message, model folders): the description every
+#: site shares and nnU-Net's predictor and evaluation need; no number of cases, no file list
+SHARED_DATASET_JSON_KEYS = ("channel_names", "labels", "file_ending", "regions_class_order",
+                            "overwrite_image_reader_writer", "name", "description")
+
+
+def shared_dataset_json(dataset_json: Mapping) -> dict:
+    """``dataset_json`` restricted to ``SHARED_DATASET_JSON_KEYS`` (nnU-Net's ``labels`` order kept)."""
+    return {k: v for k, v in dataset_json.items() if k in SHARED_DATASET_JSON_KEYS}
+
+
 @dataclass
 class Update:
     """A site's contribution to one round.

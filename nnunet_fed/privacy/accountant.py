@@ -13,11 +13,21 @@ Mechanisms:
 - ``laplace``: gradients clipped to L1 norm ``C`` plus Laplace noise of scale ``b * C`` per coordinate: a
   ``1/b``-DP step (pure epsilon), amplified by Poisson sampling to ``log(1 + q (e^{1/b} - 1))``, composed by
   adding (basic composition; delta = 0). ``b`` is stored where the Gaussian history stores sigma.
+
+Besides the training steps (``history``), a site releases a few single values once (its noisy case count, its
+planning summary): ``events``, each ``[mechanism, noise_multiplier, sample_rate, count]`` with ``mechanism``
+"gaussian" (noise std / L2 sensitivity) or "laplace" (noise scale / L1 sensitivity, i.e. ``1 / epsilon``).
+They compose with the training into one total: Gaussian events join Opacus's history; Laplace events add their
+exact Renyi divergence (Mironov 2017, "Renyi differential privacy", Proposition 6; Opacus's accountants have no
+Laplace mechanism) to the RDP curve, or their pure epsilon to the PRV epsilon (basic composition, an upper
+bound); in the pure-epsilon (Laplace) mode every event must be Laplace and all epsilons add.
 """
 from __future__ import annotations
 
 import math
 from typing import Iterable, Sequence
+
+import numpy as np
 
 ACCOUNTANTS = ("rdp", "prv")
 MECHANISMS = ("gaussian", "laplace")
@@ -48,16 +58,71 @@ def laplace_step_epsilon(scale: float, sample_rate: float) -> float:
     return math.log1p(sample_rate * math.expm1(eps))
 
 
+def laplace_rdp(eps: float, orders: Sequence[float]) -> list[float]:
+    """Renyi divergence of order ``a`` of the Laplace mechanism with pure epsilon ``eps`` (Mironov 2017,
+    Proposition 6): ``eps + log(1 + (a - 1) (exp((1 - 2a) eps) - 1) / (2a - 1)) / (a - 1)`` (exact)."""
+    out = []
+    for a in orders:
+        a = float(a)
+        if a <= 1:
+            raise ValueError(f"Renyi order must be > 1, got {a}")
+        out.append(eps + math.log1p((a - 1) * math.expm1((1 - 2 * a) * eps) / (2 * a - 1)) / (a - 1))
+    return out
+
+
+def _check_events(events) -> list[tuple[str, float, float, int]]:
+    out = []
+    for e in events:
+        kind, noise, q, count = str(e[0]), float(e[1]), float(e[2]), int(e[3])
+        if kind not in MECHANISMS:
+            raise BudgetError(f"unknown mechanism {kind!r} in privacy event {list(e)}")
+        if not noise > 0 or not 0 < q <= 1 or count < 0:
+            raise BudgetError(f"invalid privacy event {list(e)}: [mechanism, noise_multiplier > 0, "
+                              f"sample_rate in (0, 1], count >= 0]")
+        if count:
+            out.append((kind, noise, q, count))
+    return out
+
+
 def epsilon(history: Iterable[Sequence[float]], delta: float, accountant: str = "rdp",
-            mechanism: str = "gaussian") -> float:
-    """Epsilon spent by a history of (noise multiplier, sample rate, steps) at the given delta."""
+            mechanism: str = "gaussian", events: Iterable[Sequence] = ()) -> float:
+    """Epsilon at ``delta`` of a history of training steps (noise multiplier, sample rate, steps) of
+    ``mechanism`` composed with single releases ``events`` (see the module docstring)."""
     hist = _merge(history)
-    if not hist:
-        return 0.0
+    evs = _check_events(events)
     if mechanism == "laplace":
-        return float(sum(steps * laplace_step_epsilon(s, q) for s, q, steps in hist))
+        if any(kind != "laplace" for kind, *_ in evs):
+            raise BudgetError("the pure-epsilon (Laplace) mode composes Laplace releases only")
+        return float(sum(steps * laplace_step_epsilon(s, q) for s, q, steps in hist)
+                     + sum(n * laplace_step_epsilon(b, q) for _, b, q, n in evs))
     if mechanism != "gaussian":
         raise BudgetError(f"unknown mechanism {mechanism!r}; choose one of {MECHANISMS}")
+    if accountant not in ACCOUNTANTS:
+        raise BudgetError(f"unknown accountant {accountant!r}; choose one of {ACCOUNTANTS}")
+    hist = _merge(hist + [[s, q, n] for kind, s, q, n in evs if kind == "gaussian"])
+    laplace = [(b, q, n) for kind, b, q, n in evs if kind == "laplace"]
+    if not hist and not laplace:
+        return 0.0
+    if laplace and accountant == "rdp":
+        from opacus.accountants import RDPAccountant
+        from opacus.accountants.analysis import rdp as rdp_analysis
+
+        if any(q < 1 for _, q, _ in laplace):
+            raise BudgetError("a subsampled Laplace release cannot be composed with the RDP accountant")
+        orders = list(RDPAccountant.DEFAULT_ALPHAS)
+        curve = sum((rdp_analysis.compute_rdp(q=q, noise_multiplier=s, steps=n, orders=orders) for s, q, n in hist),
+                    start=0.0)
+        for b, _, n in laplace:
+            curve = curve + n * np.asarray(laplace_rdp(1.0 / b, orders))
+        eps, _ = rdp_analysis.get_privacy_spent(orders=orders, rdp=curve, delta=delta)
+        return float(eps)
+    pure = float(sum(n * laplace_step_epsilon(b, q) for b, q, n in laplace))  # basic composition (PRV)
+    if not hist:
+        return pure
+    return pure + _gaussian_epsilon(hist, delta, accountant)
+
+
+def _gaussian_epsilon(hist: list[list], delta: float, accountant: str) -> float:
     if accountant == "rdp":
         from opacus.accountants import RDPAccountant
 
@@ -90,10 +155,12 @@ def planned_schedule(sigma0: float, sample_rate: float, steps_per_round: int, ro
 
 def calibrate(target_epsilon: float, delta: float, sample_rate: float, steps_per_round: int, rounds: int,
               accountant: str = "rdp", mechanism: str = "gaussian", decay: float = 1.0,
-              max_noise_multiplier: float = 50.0, spent: Iterable[Sequence[float]] = (), extra_steps: int = 0) -> float:
+              max_noise_multiplier: float = 50.0, spent: Iterable[Sequence[float]] = (), extra_steps: int = 0,
+              events: Iterable[Sequence] = ()) -> float:
     """Smallest base noise multiplier ``s`` so that rounds with noise ``s * decay**r`` (and ``extra_steps`` after
-    them, see ``planned_schedule``; plus ``spent``) stay within ``target_epsilon``. Refuses (BudgetError) when the
-    base noise would have to exceed ``max_noise_multiplier``, saying what epsilon the cap reaches."""
+    them, see ``planned_schedule``; plus ``spent`` steps and the single releases ``events``) stay within
+    ``target_epsilon``. Refuses (BudgetError) when the base noise would have to exceed ``max_noise_multiplier``,
+    saying what epsilon the cap reaches."""
     if not target_epsilon > 0:
         raise BudgetError(f"target_epsilon must be > 0, got {target_epsilon}")
     if mechanism == "gaussian" and not 0 < delta < 1:
@@ -102,12 +169,16 @@ def calibrate(target_epsilon: float, delta: float, sample_rate: float, steps_per
         raise BudgetError(f"sampling rate must be in (0, 1], got {sample_rate}")
     if decay <= 0:
         raise BudgetError(f"noise_decay must be > 0, got {decay}")
-    spent = list(spent)
+    spent, events = list(spent), list(events)
 
     def eps_for(s: float) -> float:
         return epsilon(spent + planned_schedule(s, sample_rate, steps_per_round, rounds, decay, extra_steps), delta,
-                       accountant, mechanism)
+                       accountant, mechanism, events)
 
+    fixed = epsilon(spent, delta, accountant, mechanism, events)
+    if fixed >= target_epsilon:
+        raise BudgetError(f"target epsilon {target_epsilon:g} (delta {delta:g}) cannot be met: what is already "
+                          f"released or planned apart from training (planning summary, case count) spends {fixed:.4g}")
     at_cap = eps_for(max_noise_multiplier)
     if at_cap > target_epsilon:
         raise BudgetError(
@@ -115,7 +186,7 @@ def calibrate(target_epsilon: float, delta: float, sample_rate: float, steps_per
             f"max_noise_multiplier={max_noise_multiplier:g} this schedule ({rounds} rounds x {steps_per_round} "
             f"steps{f' + {extra_steps} fine-tuning steps' if extra_steps else ''}, sampling rate {sample_rate:.4g}, {mechanism}) would reach epsilon {at_cap:.4g}; raise the "
             f"target, train fewer steps, sample fewer cases per step or raise the cap")
-    if mechanism == "gaussian" and accountant in ACCOUNTANTS and decay == 1.0 and not spent:
+    if mechanism == "gaussian" and accountant in ACCOUNTANTS and decay == 1.0 and not spent and not events:
         # Opacus's own calibration for the constant schedule
         from opacus.accountants.utils import get_noise_multiplier
 

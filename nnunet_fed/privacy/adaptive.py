@@ -10,13 +10,14 @@ geometrically::
 
 The count and the gradient sum are released together as one Gaussian mechanism with
 ``sigma = (sigma_g^-2 + (2 sigma_b)^-2)^-1/2`` (see ``accountant.effective_noise_multiplier``), so the adaptive
-threshold costs budget and is counted. With Laplace noise the count gets Laplace noise instead.
+threshold costs budget and is counted. With Laplace noise the count gets Laplace noise instead. The noise comes
+from OS entropy (``randomness``).
 """
 from __future__ import annotations
 
 import math
 
-import torch
+from nnunet_fed.privacy import randomness
 
 
 class AdaptiveClip:
@@ -37,19 +38,17 @@ class AdaptiveClip:
         self.min_clip, self.max_clip = min_clip, max_clip
         self.last_unclipped_fraction: float | None = None
 
-    def noisy_unclipped_fraction(self, unclipped: int, sampled: int, expected_batch: float,
-                                 generator: torch.Generator | None = None) -> float:
+    def noisy_unclipped_fraction(self, unclipped: int, sampled: int, expected_batch: float) -> float:
         centred = unclipped - 0.5 * sampled
         if self.mechanism == "laplace":
-            noise = float(torch.distributions.Laplace(0.0, self.count_noise_multiplier).sample())
+            noise = randomness.laplace_scalar(self.count_noise_multiplier)
         else:
-            noise = float(torch.randn((), generator=generator, dtype=torch.float64)) * self.count_noise_multiplier
+            noise = randomness.gaussian_scalar(self.count_noise_multiplier)
         return (centred + noise) / expected_batch + 0.5
 
-    def update(self, unclipped: int, sampled: int, expected_batch: float,
-               generator: torch.Generator | None = None) -> float:
+    def update(self, unclipped: int, sampled: int, expected_batch: float) -> float:
         """One geometric step from the noisy count; returns the new threshold."""
-        frac = self.noisy_unclipped_fraction(unclipped, sampled, expected_batch, generator)
+        frac = self.noisy_unclipped_fraction(unclipped, sampled, expected_batch)
         self.last_unclipped_fraction = frac
         self.clip = min(self.max_clip, max(self.min_clip,
                                            self.clip * math.exp(-self.learning_rate * (frac - self.target_quantile))))

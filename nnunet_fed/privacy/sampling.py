@@ -8,12 +8,18 @@ accountants) and cuts **one patch** from each sampled case, with nnU-Net's patch
 oversampling decided per case with the same probability, independently of the other cases) and nnU-Net's
 augmentation pipeline unchanged. A logical batch therefore holds each case at most once, its size is random
 (Binomial(N, q), possibly 0), and the trainer processes it in physical batches of nnU-Net's batch size.
+
+The inclusion mask is drawn from OS entropy (``randomness.poisson_mask``): a mask anyone can regenerate from a
+public seed would tell which cases were sampled and void the amplification by sampling. The rest of the
+loader's randomness (foreground oversampling, patch position, augmentation) is drawn from the process's global
+generators reseeded from OS entropy (``randomness.use_entropy_in_this_process``), in whichever process the loader
+runs (nnU-Net's augmentation workers, the simulation's pool, or the trainer's own process).
 """
 from __future__ import annotations
 
-import numpy as np
-import torch
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+
+from nnunet_fed.privacy import randomness
 
 
 class PoissonCaseLoader(nnUNetDataLoader):
@@ -32,7 +38,8 @@ class PoissonCaseLoader(nnUNetDataLoader):
         return self._keys
 
     def generate_train_batch(self):
-        mask = np.random.uniform(size=len(self.indices)) < self.sample_rate
+        randomness.use_entropy_in_this_process()
+        mask = randomness.poisson_mask(len(self.indices), self.sample_rate)
         keys = [k for k, m in zip(self.indices, mask) if m]
         if not keys:
             return {"data": None, "target": None, "keys": []}

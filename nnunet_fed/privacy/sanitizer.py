@@ -3,8 +3,10 @@
 The logical batch (Poisson-sampled cases, see ``sampling``) is processed in physical batches (nnU-Net's batch
 size). Each case's gradient is clipped to ``clip`` and added to one accumulator; after the last physical batch
 the noise (Gaussian ``N(0, noise_std^2)`` or Laplace with scale ``noise_std``) is added once per coordinate and the
-sum divided by the *expected* logical batch size ``q N`` (a fixed number, so the division leaks nothing about the
-actual batch size). An empty logical batch releases the noise alone. The sanitizer knows nothing of accounting.
+sum divided by the *expected* logical batch size (``q`` times the site's noisy case count, a released value, so
+the division leaks nothing about the actual batch size or the exact number of cases). An empty logical batch
+releases the noise alone. The noise comes from OS entropy (``randomness``), never from a seeded generator. The
+sanitizer knows nothing of accounting.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from nnunet_fed.privacy import randomness
 from nnunet_fed.privacy.per_sample import PerSampleClipper
 
 
@@ -25,9 +28,10 @@ class DPSanitizer:
         self.mechanism = mechanism
 
     def noise_like(self, p: torch.Tensor, std: float) -> torch.Tensor:
+        """Noise of ``p``'s shape: ``N(0, std^2)``, or Laplace of scale ``std`` (sampled in float64)."""
         if self.mechanism == "laplace":
-            return torch.distributions.Laplace(0.0, std).sample(p.shape).to(p.device, p.dtype)
-        return torch.normal(0.0, std, p.shape, device=p.device, dtype=p.dtype)
+            return randomness.laplace_like(p, std)
+        return randomness.gaussian_like(p, std)
 
     def step(self, physical_batches: Iterable[tuple[torch.Tensor, Callable]], clip: float, noise_std: float,
              expected_batch: float) -> dict:
