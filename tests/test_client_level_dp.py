@@ -179,3 +179,149 @@ def test_simulate_with_client_level_dp(site_env):
                                        "client_clip=-1", "-o", "client_target_epsilon=5"], site_env["env"],
                    check=False)
     assert proc.returncode != 0 and "client_clip" in proc.stderr
+
+
+# ---------------------------------------------------------------------- retries and the calibrated budget
+class _Reply:
+    """A site's reply as the Flower server reads it (content and error state)."""
+
+    def __init__(self, update):
+        from nnunet_fed.deployment import messages as msgs
+
+        self.content = msgs.update_to_content(update)
+
+    def has_error(self):
+        return False
+
+
+def _retry_server(tmp_path, strategy, sites, rounds, min_sites, missing):
+    """The Flower ServerApp's own round loop (``FederationServer.serve`` / ``run_round``) over in-process sites:
+    ``missing(round, attempt)`` names the sites whose reply does not arrive in that attempt (timed out)."""
+    from nnunet_fed.deployment.runconfig import RunSettings
+    from nnunet_fed.deployment.server_app import FederationServer
+
+    rng = np.random.default_rng(11)
+
+    class Template:
+        def get_shared_arrays(self):
+            return global_arrays(0.1)
+
+    class Server(FederationServer):
+        def __init__(self):  # no SuperLink, no plans: sites answer in-process
+            self.run = RunSettings(rounds=rounds, min_sites=min_sites, round_retries=3, round_timeout=1.0,
+                                   federation_name="DatasetFed_retry")
+            self.poll, self.fold_dir, self.strategy = 0.0, str(tmp_path), strategy
+            self.node_sites = {i: s for i, s in enumerate(sites)}
+            self.refused, self.template, self.global_arrays = {}, Template(), None
+            self.attempts, self.discarded = {}, []
+
+        def wait_for_sites(self):
+            return list(self.node_sites)
+
+        def _exchange(self, content_by_node, message_type, group, timeout):
+            r = int(group)
+            attempt = self.attempts[r] = self.attempts.get(r, -1) + 1
+            gone = set(missing(r, attempt))
+            for node in content_by_node:
+                site = self.node_sites[node]
+                if site in gone:
+                    yield node, None, f"no reply within {timeout:.0f} s"
+                else:
+                    yield node, _Reply(update_with_norm(site, 2.0, rng, base=self.global_arrays)), None
+
+        def run_round(self, r):
+            s = self.strategy
+            before = (s.clip, s.rounds_done, json.dumps(s.rng.bit_generator.state))
+            committed = super().run_round(r)
+            if not committed:  # what the server discards must not have released or spent anything
+                self.discarded.append((before, (s.clip, s.rounds_done, json.dumps(s.rng.bit_generator.state))))
+            return committed
+
+        def finish(self):
+            return ""
+
+    server = Server()
+    server.serve()
+    return server
+
+
+def test_repeated_rounds_spend_no_privacy(tmp_path):
+    """The retry attack: sites that time out in the first attempt of every round (fewer valid updates than
+    min-sites), so the server repeats each round. Only committed rounds may be released and accounted: the
+    spent epsilon stays within the target, and a restarted server (which reads the metrics) agrees with it."""
+    from nnunet_fed.federation.records import MetricsLog
+
+    rounds, target, sites = 4, 8.0, ["a", "b", "c"]
+    s = ClientLevelDP(FedAvg(), target_epsilon=target, clip=1.0, rng=np.random.default_rng(0))
+    server = _retry_server(tmp_path, s, sites, rounds, min_sites=3,
+                           missing=lambda r, attempt: ["c"] if attempt == 0 else [])
+    assert all(n == 1 for n in server.attempts.values())  # every round needed a second attempt
+    assert len(server.discarded) == rounds
+    for before, after in server.discarded:
+        assert after == before, "a discarded attempt changed the clip, rounds_done or the noise generator"
+    assert s.rounds_done == rounds
+    assert s.epsilon <= target, f"spent epsilon {s.epsilon:.3f} passes the target {target}"
+    rows = MetricsLog(str(tmp_path)).read()
+    assert [row["client_dp"]["rounds_accounted"] for row in rows] == list(range(1, rounds + 1))
+    assert rows[-1]["client_dp"]["epsilon"] == pytest.approx(s.epsilon)
+    with open(tmp_path / "federation_server.log") as f:
+        log = f.read()
+    assert "2 valid site update(s), 3 needed" in log
+    # a restarted server continues from the metrics: the same rounds, clip and epsilon as the server that ran them
+    again = ClientLevelDP(FedAvg(), target_epsilon=target, clip=1.0)
+    again.start(num_sites=3, rounds=rounds, history=rows, min_updates=3)
+    assert (again.rounds_done, again.clip, again.epsilon) == (s.rounds_done, s.clip, s.epsilon)
+
+
+def test_too_few_updates_release_nothing():
+    from nnunet_fed.federation.aggregation import NoValidUpdates
+    from nnunet_fed.privacy.client_level import TooFewUpdates
+
+    rng = np.random.default_rng(7)
+    s = make(z=1.0, clip=1.0, adaptive=True, count_stddev=1.0, seed=1)
+    s.start(num_sites=4, rounds=3, min_updates=3)
+    g = global_arrays()
+    before = (s.clip, s.rounds_done, json.dumps(s.rng.bit_generator.state))
+    with pytest.raises(TooFewUpdates, match=r"2 valid site update\(s\), 3 needed") as e:
+        s.aggregate(g, [update_with_norm(x, 2.0, rng) for x in "ab"])
+    assert isinstance(e.value, NoValidUpdates)  # what the server catches to repeat the round
+    assert (s.clip, s.rounds_done, json.dumps(s.rng.bit_generator.state)) == before and s.round_record() == {}
+    s.aggregate(g, [update_with_norm(x, 2.0, rng) for x in "abc"])
+    assert s.rounds_done == 1 and s.clip != before[0]
+    with pytest.raises(ValueError, match="min_updates"):
+        s.start(num_sites=4, rounds=3, min_updates=0)
+    with pytest.raises(ValueError, match="5 valid site updates"):
+        s.start(num_sites=4, rounds=3, min_updates=5)
+
+
+def test_round_beyond_calibrated_rounds_refused():
+    """Calibrated for 2 rounds: a third would pass the target epsilon. It is refused before any update is read
+    or any noise drawn, and not as a NoValidUpdates (the server would only repeat it)."""
+    from nnunet_fed.federation.aggregation import NoValidUpdates
+
+    rng = np.random.default_rng(8)
+    s = ClientLevelDP(FedAvg(), target_epsilon=2.0, clip=1.0, rng=np.random.default_rng(0))
+    s.start(num_sites=2, rounds=2)
+    g = global_arrays()
+    for _ in range(2):
+        s.aggregate(g, [update_with_norm(x, 1.0, rng) for x in "ab"])
+    assert s.epsilon <= 2.0
+    state = json.dumps(s.rng.bit_generator.state)
+    read = []
+
+    def updates():
+        for x in "ab":
+            read.append(x)
+            yield update_with_norm(x, 1.0, rng)
+
+    with pytest.raises(Exception, match="calibrated for 2 round") as e:
+        s.aggregate(g, updates())
+    assert not isinstance(e.value, NoValidUpdates)
+    assert read == [] and s.rounds_done == 2 and json.dumps(s.rng.bit_generator.state) == state
+    assert s.epsilon <= 2.0
+    # a fixed noise multiplier has no target to pass: more rounds are accounted as they come
+    f = make(z=1.0)
+    f.start(num_sites=2, rounds=1)
+    for _ in range(2):
+        f.aggregate(g, [update_with_norm(x, 1.0, rng) for x in "ab"])
+    assert f.rounds_done == 2 and f.epsilon > f.planned_epsilon

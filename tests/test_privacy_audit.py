@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from nnunet_fed.privacy.audit import (epsilon_lower_bound, guesses_from_scores, p_value_dp, stamp_label_map,
-                                      stamp_pattern, upsample_blocks, write_canary)
+from nnunet_fed.privacy.audit import (accounted_privacy, epsilon_lower_bound, guesses_from_scores, p_value_dp,
+                                      stamp_label_map, stamp_pattern, upsample_blocks, write_canary)
 
 
 def test_perfect_guesses_match_closed_form():
@@ -114,6 +114,106 @@ def test_stamp_score_needs_the_label_map():
     assert stamp_region(source, source) is None
 
 
+def _write_run(folder, site, client_dp=None, sample_epsilon=None, delta=1e-5):
+    """A finished run as the audit reads it: the site's privacy_report.json (sample-level DP) and the server's
+    federation_metrics.jsonl with a client_dp record per round (client-level DP), as the trainers write them."""
+    from nnunet_fed.privacy.client_level import calibrate_noise_multiplier, client_level_epsilon
+
+    site_fold, global_fold = folder / "site", folder / "global"
+    site_fold.mkdir()
+    global_fold.mkdir()
+    if sample_epsilon is not None:
+        (site_fold / "privacy_report.json").write_text(json.dumps({"epsilon": sample_epsilon, "delta": delta}))
+    rows = []
+    if client_dp is not None:
+        target, q, rounds = client_dp
+        z = calibrate_noise_multiplier(target, delta, q, rounds)
+        for r in range(rounds):
+            rows.append({"round": r, "sites": {site: {"num_examples": 12}},
+                         "client_dp": {"epsilon": client_level_epsilon(z, q, r + 1, delta), "delta": delta,
+                                       "rounds_accounted": r + 1, "noise_multiplier": z, "sample_rate": q,
+                                       "clip": 1.0, "next_clip": 1.0}})
+    (global_fold / "federation_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(site_fold), str(global_fold), rows
+
+
+@pytest.mark.parametrize("target,q,rounds", [(8.0, 1.0, 20), (8.0, 1.0, 4), (2.0, 0.3, 10)])
+def test_client_level_dp_bounds_a_case_at_half_the_noise_multiplier(tmp_path, target, q, rounds):
+    """A case changes its site's clipped update from one vector of norm <= C to another (sensitivity 2C, not C)
+    and flips its unclipped bit (1, not 1/2): the case-level epsilon is that of multiplier z / 2. Checked against
+    Google's dp_accounting; measured: a run reported 8 for the site, 18.8 holds for a case."""
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+
+    site = "Dataset201_A"
+    site_fold, global_fold, rows = _write_run(tmp_path, site, client_dp=(target, q, rounds))
+    dp = rows[-1]["client_dp"]
+    got = accounted_privacy(site_fold, global_fold, site)
+    half = dp_accounting.GaussianDpEvent(dp["noise_multiplier"] / 2)
+    event = dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(q, half) if q < 1 else half,
+                                              rounds)
+    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 256))
+    ref = RdpAccountant(orders).compose(event).get_epsilon(1e-5)
+    assert got["epsilon"] == pytest.approx(ref, rel=0.01), (got, ref)
+    from nnunet_fed.privacy.client_level import case_level_epsilon  # the same figure, for others to reuse
+
+    assert got["epsilon"] == case_level_epsilon(dp["noise_multiplier"], q, rounds, 1e-5)
+    assert got["epsilon"] > dp["epsilon"] and dp["epsilon"] <= target  # the site's figure is not a case's
+    if (target, q) == (8.0, 1.0):
+        assert got["epsilon"] == pytest.approx(18.8, abs=0.1)
+    assert got["source"] == "client-level, case-level bound (sensitivity 2C)" and got["delta"] == 1e-5
+    assert got["site_epsilon"] == dp["epsilon"]
+
+
+def test_accounted_epsilon_is_the_tighter_of_sample_and_client_level(tmp_path):
+    site = "Dataset201_A"
+    for name, sample_eps in (("loose", 30.0), ("tight", 5.0)):
+        (tmp_path / name).mkdir()
+        got = accounted_privacy(*_write_run(tmp_path / name, site, client_dp=(8.0, 1.0, 20),
+                                            sample_epsilon=sample_eps)[:2], site)
+        if sample_eps > 18.9:
+            assert got["source"].startswith("client-level") and 18.7 < got["epsilon"] < 18.9
+        else:
+            assert got["source"].startswith("sample-level") and got["epsilon"] == sample_eps
+    (tmp_path / "none").mkdir()
+    assert accounted_privacy(*_write_run(tmp_path / "none", site)[:2], site)["epsilon"] is None
+
+
+def test_report_gives_p_value_and_false_alarm_probability(tmp_path):
+    """The verdict is a test: its p-value under the accounted (epsilon, delta) and its false-alarm probability
+    (1 - confidence) are reported, and the text says what a bound above or below the accounted epsilon means."""
+    from nnunet_fed.privacy.audit import check_accounting, format_report
+
+    site = "Dataset201_A"
+    privacy = accounted_privacy(*_write_run(tmp_path, site, sample_epsilon=1.0)[:2], site)
+    assert privacy["epsilon"] == 1.0 and privacy["delta"] == 1e-5
+    m = r = 32
+    common = {"trainer": "nnUNetTrainerFedDP", "site": site, "canaries": m, "members": 16, "guesses": r,
+              "mean_member_score": 0.1, "mean_nonmember_score": 0.0, "report_file": "audit_report.json"}
+    for v, confidence in ((31, 0.95), (20, 0.95), (31, 0.99)):
+        verdict = check_accounting(m, r, v, privacy, confidence=confidence, delta=1e-3)
+        assert verdict["delta"] == 1e-5  # the run's delta, not the fallback
+        assert verdict["p_value"] == pytest.approx(p_value_dp(m, r, v, 1.0, 1e-5))
+        assert verdict["false_alarm_probability"] == pytest.approx(1 - confidence)
+        assert verdict["epsilon_lower_bound"] == epsilon_lower_bound(m, r, v, 1e-5, confidence)
+        assert verdict["consistent"] == (verdict["epsilon_lower_bound"] <= 1.0)
+        # the bound passes the accounted epsilon exactly when that many correct guesses are that unlikely
+        assert verdict["consistent"] == (verdict["p_value"] >= 1 - confidence)
+        assert verdict["largest_possible_bound"] == epsilon_lower_bound(m, r, r, 1e-5, confidence)
+        text = format_report({**common, **verdict, "correct": v, "confidence": confidence})
+        assert f"p-value {verdict['p_value']:.3g}" in text
+        assert f"at most {1 - confidence:.0%}" in text and "does not prove" in text
+        assert ("WARNING" in text) != verdict["consistent"]
+    assert not check_accounting(m, r, 31, privacy)["consistent"]
+    assert check_accounting(m, r, 20, privacy)["consistent"]
+    # without DP there is nothing to test: no p-value, the bound alone
+    none = check_accounting(m, r, 31, {"epsilon": None, "delta": None, "source": "no differential privacy"},
+                            delta=1e-5)
+    assert none["p_value"] is None and none["consistent"] and none["delta"] == 1e-5
+    text = format_report({**common, **none, "correct": 31, "confidence": 0.95})
+    assert "none (no differential privacy)" in text and "p-value" not in text
+
+
 AUDIT_TRAINING = ["--rounds", "24", "--local-steps", "25"]
 
 
@@ -145,8 +245,20 @@ def test_audit_of_non_private_training_shows_leakage(site_env, tmp_path):
 
 
 def test_audit_of_client_level_dp_stays_below_accounted_epsilon(site_env, tmp_path):
+    """Client-level DP at epsilon 0.5 for the site: a case is accounted about 1.05 (multiplier z / 2), below what
+    32 canaries can show (2.32 at 95 %), so leakage beyond the accounting would fail here (a correct mechanism
+    fails with probability at most 5 %)."""
+    from nnunet_fed.privacy.client_level import case_level_epsilon
+
     rep = _audit(site_env, tmp_path, "clientdp", "--audit-id", "981", "-tr", "nnUNetTrainerFedAvgClientDP",
-                 "-o", "client_target_epsilon=2", "-o", "client_clip=1", "--rounds", "4", "--local-steps", "10")
-    assert rep["accounted_epsilon"] is not None and rep["accounted_epsilon"] <= 2.0
-    assert rep["accounted_source"].startswith("client-level")
+                 "-o", "client_target_epsilon=0.5", "-o", "client_clip=1", "--rounds", "4", "--local-steps", "10")
+    with open(os.path.join(rep["model"], "fold_0", "federation_metrics.jsonl")) as f:
+        dp = [json.loads(line) for line in f][-1]["client_dp"]
+    assert rep["site_epsilon"] == dp["epsilon"] <= 0.5
+    assert rep["accounted_source"] == "client-level, case-level bound (sensitivity 2C)"
+    assert rep["accounted_epsilon"] == pytest.approx(
+        case_level_epsilon(dp["noise_multiplier"], dp["sample_rate"], dp["rounds_accounted"], dp["delta"]))
+    assert rep["site_epsilon"] < rep["accounted_epsilon"] < rep["largest_possible_bound"]  # the audit can refute it
+    assert rep["false_alarm_probability"] == pytest.approx(0.05)
     assert rep["epsilon_lower_bound"] <= rep["accounted_epsilon"] and rep["consistent"]
+    assert rep["p_value"] >= 0.05

@@ -3,7 +3,9 @@
 Per round the server sends the global (shared) parameters to every connected site, folds the replies into the
 trainer's server strategy as they arrive (``make_server_strategy``: validation with a named reason, then
 example-weighted FedAvg) and commits the round (metrics line + server state file) once at least ``min-sites``
-valid updates came in before ``round-timeout``. A round with fewer is repeated (``round-retries``). A site
+valid updates came in before ``round-timeout``. A round with fewer is repeated (``round-retries``); a stateful
+strategy (client-level DP) learns ``min-sites`` in ``start`` and refuses such an attempt before releasing
+anything, so a repeated round spends no privacy. A site
 is identified by its dataset name: a SuperNode that rejoins replaces its earlier node. After the last round
 the sites receive the final global parameters (``query.finish``: their own checkpoint_final.pth and
 validation) and the server writes the global model in nnU-Net's results layout, like simulate.
@@ -254,8 +256,10 @@ class FederationServer:
         nodes = self.wait_for_sites()
         self.global_arrays = state["global_arrays"] if state else self.template.get_shared_arrays()
         if hasattr(self.strategy, "start"):  # stateful server rules (client-level DP): federation size, past rounds
+            # and min-sites: an attempt with fewer valid updates must fail inside the strategy, before it releases
+            # anything (noise, clip, privacy spent), since the round is then repeated
             self.strategy.start(num_sites=max(len(nodes), self.run.min_sites), rounds=self.run.rounds,
-                                history=self.metrics.read())
+                                history=self.metrics.read(), min_updates=self.run.min_sites)
         for r in range(start, self.run.rounds):
             for attempt in range(self.run.round_retries + 1):
                 if self.run_round(r):

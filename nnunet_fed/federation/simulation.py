@@ -428,7 +428,7 @@ def _federate(cfg: SimulationConfig, trainer_cls, device: torch.device, fold_dir
     metrics.truncate(start_round)
     strategy = trainer_cls.make_server_strategy(sites[0].trainer.options)
     if hasattr(strategy, "start"):  # stateful server rules (client-level DP): federation size, schedule, past rounds
-        strategy.start(num_sites=len(sites), rounds=cfg.rounds, history=metrics.read())
+        strategy.start(num_sites=len(sites), rounds=cfg.rounds, history=metrics.read(), min_updates=1)
 
     bar = None
     if cfg.progress and start_round < cfg.rounds:

@@ -21,9 +21,15 @@ Method (Steinke, Nasr and Jagielski 2023, "Privacy auditing with one (1) trainin
    guesses ``v`` of ``r = 2k``, and report the largest epsilon for which ``v`` or more correct guesses would
    have probability below 1 - confidence under (epsilon, delta)-DP (the paper's Theorem 3 / Algorithm 2).
 
-A correct DP implementation never shows a lower bound above its accounted epsilon (except with probability
-1 - confidence); a non-private run that memorises shows a bound well above 0. With ``m`` canaries the bound
-cannot exceed what ``m`` perfect guesses give (about 2.3 for m = 32, 3.0 for m = 64 at 95 %).
+The comparison with the accounted epsilon is a statistical test (:func:`check_accounting`): for a correct DP
+implementation the bound exceeds its accounted epsilon with probability at most 1 - confidence (a false alarm),
+and the report gives the p-value of the observed guesses under the accounted (epsilon, delta). A bound below the
+accounted epsilon does not prove the accounting right: with ``m`` canaries the bound cannot exceed what ``m``
+perfect guesses give (about 2.3 for m = 32, 3.0 for m = 64 at 95 %). A non-private run that memorises shows a
+bound well above 0.
+
+The accounted epsilon is the one for a training case of the audited site, the unit the canaries test. Under
+client-level DP that is not the site's epsilon: see :func:`nnunet_fed.privacy.client_level.case_level_epsilon`.
 """
 from __future__ import annotations
 
@@ -396,11 +402,26 @@ def score_canaries(model_folder: str, fold, canaries: list[dict], data_folder: s
 
 
 # ---------------------------------------------------------------------- accounted epsilon
+#: ``source`` of the accounted epsilon when it comes from client-level DP (a case's bound, not a site's)
+CLIENT_LEVEL_CASE_SOURCE = "client-level, case-level bound (sensitivity 2C)"
+
+
 def accounted_privacy(site_fold: str, global_fold: str, site_name: str) -> dict:
-    """(epsilon, delta) the run accounted for a case of the audited site: the smallest of the site's
-    sample-level report (``privacy_report.json`` in the site's fold folder, else the last round's ``epsilon``
-    in the federation metrics) and the server's client-level epsilon (a case is part of its site, so
-    client-level DP bounds it too). ``epsilon`` is None for a run without DP."""
+    """(epsilon, delta) the run accounted for one training case of the audited site.
+
+    The smallest of the site's sample-level epsilon (``privacy_report.json`` in ``site_fold``, else the last
+    round's ``epsilon`` of ``site_name`` in ``global_fold``'s federation_metrics.jsonl) and the case-level bound
+    of the server's client-level DP. The latter is recomputed from the last round's ``client_dp`` record
+    (``noise_multiplier``, ``sample_rate``, ``rounds_accounted``, ``delta``) with
+    :func:`~nnunet_fed.privacy.client_level.case_level_epsilon`: a case moves its site's clipped update by up to
+    2C and flips its unclipped bit, so it is protected as by multiplier z / 2, not z (the recorded ``epsilon``
+    is a site's, kept as ``site_epsilon``).
+
+    Returns ``{"epsilon", "delta", "source", "site_epsilon"}``; ``epsilon`` and ``delta`` are None for a run
+    without DP, ``site_epsilon`` is None without client-level DP. Raises ValueError when a ``client_dp`` record
+    lacks the fields above."""
+    from nnunet_fed.privacy.client_level import case_level_epsilon
+
     found = []
     report = os.path.join(site_fold, "privacy_report.json")
     if os.path.isfile(report):
@@ -417,13 +438,50 @@ def accounted_privacy(site_fold: str, global_fold: str, site_name: str) -> dict:
         site = rows[-1].get("sites", {}).get(site_name, {})
         if site.get("epsilon") is not None:
             found.append(("sample-level (round metrics)", float(site["epsilon"]), site.get("delta")))
+    site_epsilon = None
     if rows and rows[-1].get("client_dp", {}).get("epsilon") is not None:
         dp = rows[-1]["client_dp"]
-        found.append(("client-level (round metrics)", float(dp["epsilon"]), dp.get("delta")))
+        missing = [k for k in ("noise_multiplier", "sample_rate", "rounds_accounted", "delta") if dp.get(k) is None]
+        if missing:
+            raise ValueError(f"{metrics}: the last round's client_dp record has no {', '.join(missing)}; the "
+                             f"epsilon of one case cannot be computed")
+        site_epsilon = float(dp["epsilon"])
+        found.append((CLIENT_LEVEL_CASE_SOURCE, case_level_epsilon(float(dp["noise_multiplier"]),
+                                                                   float(dp["sample_rate"]),
+                                                                   int(dp["rounds_accounted"]), float(dp["delta"])),
+                      dp["delta"]))
     if not found:
-        return {"epsilon": None, "delta": None, "source": "no differential privacy"}
+        return {"epsilon": None, "delta": None, "source": "no differential privacy", "site_epsilon": None}
     source, eps, delta = min(found, key=lambda x: x[1])
-    return {"epsilon": eps, "delta": None if delta is None else float(delta), "source": source}
+    return {"epsilon": eps, "delta": None if delta is None else float(delta), "source": source,
+            "site_epsilon": site_epsilon}
+
+
+def check_accounting(m: int, r: int, v: int, privacy: dict, confidence: float = 0.95, delta: float = 1e-5) -> dict:
+    """The audit's verdict on the accounted privacy: ``v`` correct guesses out of ``r`` on ``m`` canaries against
+    ``privacy`` (what :func:`accounted_privacy` returns; ``delta`` is used when it has none).
+
+    Returns ``delta`` (the one used), ``epsilon_lower_bound`` (at ``confidence``), ``accounted_epsilon``,
+    ``accounted_source``, ``site_epsilon``, ``consistent`` (bound <= accounted epsilon, or no DP),
+    ``p_value`` (probability of ``v`` or more correct guesses under the accounted (epsilon, delta), by
+    :func:`p_value_dp`; None without DP; below 1 - confidence exactly when the bound exceeds the accounted
+    epsilon), ``false_alarm_probability`` (1 - confidence: the most often a correct mechanism shows a bound
+    above its accounted epsilon, Steinke et al. 2023, Theorem 3) and ``largest_possible_bound`` (what ``r``
+    correct guesses would give: no accounted epsilon above it can be refuted by this audit)."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    delta = privacy["delta"] if privacy.get("delta") is not None else float(delta)
+    bound = epsilon_lower_bound(m, r, v, delta, confidence)
+    eps = privacy.get("epsilon")
+    return {
+        "delta": delta, "epsilon_lower_bound": bound,
+        "accounted_epsilon": eps, "accounted_source": privacy.get("source"),
+        "site_epsilon": privacy.get("site_epsilon"),
+        "consistent": eps is None or bound <= eps,
+        "p_value": None if eps is None else p_value_dp(m, r, v, eps, delta),
+        "false_alarm_probability": 1.0 - confidence,
+        "largest_possible_bound": epsilon_lower_bound(m, r, r, delta, confidence),
+    }
 
 
 # ---------------------------------------------------------------------- the audit
@@ -456,8 +514,7 @@ def run_audit(cfg: AuditConfig, output: str | None = None) -> dict:
     members = [t["member"] for t in ds["canaries"]]
     r, v = guesses_from_scores(scores, members, cfg.num_guesses)
     privacy = accounted_privacy(out["site_folders"][ds["name"]], fold_dir, ds["name"])
-    delta = privacy["delta"] if privacy["delta"] is not None else cfg.delta
-    bound = epsilon_lower_bound(len(members), r, v, delta, cfg.confidence)
+    verdict = check_accounting(len(members), r, v, privacy, cfg.confidence, cfg.delta)
     member_scores = [s for s, mm in zip(scores, members) if mm]
     other_scores = [s for s, mm in zip(scores, members) if not mm]
     report = {
@@ -466,10 +523,7 @@ def run_audit(cfg: AuditConfig, output: str | None = None) -> dict:
         "canaries": len(members), "members": int(sum(members)), "guesses": r, "correct": v,
         "canary_design": {"stamp_fraction": STAMP_FRACTION, "pattern_blocks": PATTERN_BLOCKS,
                           "label_blocks": LABEL_BLOCKS},
-        "confidence": cfg.confidence, "delta": delta,
-        "epsilon_lower_bound": bound,
-        "accounted_epsilon": privacy["epsilon"], "accounted_source": privacy["source"],
-        "consistent": privacy["epsilon"] is None or bound <= privacy["epsilon"],
+        "confidence": cfg.confidence, **verdict,
         "mean_member_score": float(np.mean(member_scores)) if member_scores else None,
         "mean_nonmember_score": float(np.mean(other_scores)) if other_scores else None,
         "model": model,
@@ -484,7 +538,15 @@ def run_audit(cfg: AuditConfig, output: str | None = None) -> dict:
 
 
 def format_report(rep: dict) -> str:
+    """The report as printed by ``nnunet_fed audit``: guesses, bound, accounted epsilon and what their comparison
+    means (a test with a false-alarm probability, not a proof)."""
     acc = rep["accounted_epsilon"]
+    site_eps = rep.get("site_epsilon")
+    source = rep.get("accounted_source") or ""
+    if site_eps is not None and source.startswith("client-level"):
+        source += f"; a whole site: {site_eps:.3f}"
+    alarm = rep.get("false_alarm_probability")
+    alarm = 1.0 - rep["confidence"] if alarm is None else alarm
     lines = [
         f"privacy audit of {rep['trainer']} at site {rep['site']} ({rep['canaries']} canaries, "
         f"{rep['members']} trained on)",
@@ -492,12 +554,22 @@ def format_report(rep: dict) -> str:
         f"(mean score members {rep['mean_member_score']:.3f}, non-members {rep['mean_nonmember_score']:.3f})",
         f"  empirical epsilon lower bound ({rep['confidence']:.0%} confidence, delta {rep['delta']:g}): "
         f"{rep['epsilon_lower_bound']:.3f}",
-        f"  accounted epsilon: {'none (no differential privacy)' if acc is None else f'{acc:.3f}'}"
-        f"{'' if acc is None else ' (' + rep['accounted_source'] + ')'}",
+        f"  accounted epsilon of one case: {'none (no differential privacy)' if acc is None else f'{acc:.3f}'}"
+        f"{'' if acc is None else ' (' + source + ')'}",
     ]
-    if not rep["consistent"]:
-        lines.append("  WARNING: the lower bound exceeds the accounted epsilon: the privacy accounting or the "
-                     "mechanism is wrong (or a 1 - confidence chance event happened)")
+    if acc is not None:
+        lines.append(f"  p-value {rep['p_value']:.3g}: the probability of {rep['correct']} or more correct guesses "
+                     f"if the accounted (epsilon, delta) holds")
+        if rep["consistent"]:
+            lines.append("  consistent: the lower bound does not exceed the accounted epsilon")
+        else:
+            lines.append("  WARNING: the lower bound exceeds the accounted epsilon: the privacy accounting or the "
+                         "mechanism is wrong, or a chance event happened")
+        largest = rep.get("largest_possible_bound")
+        limit = "" if largest is None else f" (these canaries cannot show a bound above {largest:.3f})"
+        lines += [f"  for a correct mechanism a bound above the accounted epsilon happens with probability at most "
+                  f"{alarm:.0%} (false alarm);",
+                  f"  a bound below it does not prove the accounting right{limit}"]
     lines.append(f"  report: {rep.get('report_file')}")
     return "\n".join(lines)
 

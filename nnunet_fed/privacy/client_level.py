@@ -21,6 +21,15 @@ The accountant therefore composes ``rounds`` Poisson-subsampled Gaussian mechani
 and sampling rate ``q`` (the fraction of sites taking part in a round: 1.0 when every site trains every
 round) with Opacus's RDP accountant.
 
+Only accepted rounds are released: an attempt with fewer than ``min_updates`` valid site updates (the server's
+``min-sites``) raises :class:`TooFewUpdates` before any noise is drawn, so the driver can repeat it without
+spending privacy, and a round beyond the ``rounds`` the noise was calibrated for is refused
+(:class:`PrivacyBudgetSpent`), so the spent epsilon never passes ``target_epsilon``.
+
+The guarantee is for a whole site. For one training case of a site (what a membership audit measures) see
+:func:`case_level_epsilon`: one case can swap its site's clipped update for another one (sensitivity 2C) and
+flip its unclipped bit, which doubles the sensitivity of both released quantities.
+
 The wrapper knows nothing of transport and wraps any averaging strategy of
 :mod:`nnunet_fed.federation.aggregation` (updates arrive one at a time; memory holds one running sum).
 """
@@ -32,7 +41,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from nnunet_fed.federation.aggregation import FedAvg, UpdateRejected, check_update
+from nnunet_fed.federation.aggregation import FedAvg, NoValidUpdates, UpdateRejected, check_update
 from nnunet_fed.federation.trainer import nnUNetTrainerFederated
 from nnunet_fed.federation.update import Update
 
@@ -41,8 +50,21 @@ log = logging.getLogger(__name__)
 RECORD_KEY = "client_dp"
 
 
+class TooFewUpdates(NoValidUpdates):
+    """A round attempt with fewer valid site updates than the wrapper's ``min_updates``. Raised before any noise is
+    drawn or any state changes: the attempt releases nothing and the driver may repeat the round."""
+
+
+class PrivacyBudgetSpent(RuntimeError):
+    """A round beyond the number of rounds the noise multiplier was calibrated for (it would spend more than the
+    target epsilon). Not a :class:`NoValidUpdates`: repeating the round cannot help."""
+
+
 def client_level_epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float) -> float:
-    """(epsilon, delta) of ``rounds`` subsampled Gaussian mechanisms (Opacus RDP accountant)."""
+    """Epsilon at ``delta`` of ``rounds`` Poisson-subsampled Gaussian mechanisms with multiplier
+    ``noise_multiplier`` (noise std / sensitivity) and sampling rate ``sample_rate`` (Mironov, Talwar and Zhang
+    2019, "Renyi differential privacy of the sampled Gaussian mechanism"; Opacus's RDP accountant). With the
+    multiplier of :class:`ClientLevelDP` this is the guarantee for a whole site. 0 for ``rounds <= 0``."""
     from opacus.accountants import RDPAccountant
 
     if rounds <= 0:
@@ -50,6 +72,24 @@ def client_level_epsilon(noise_multiplier: float, sample_rate: float, rounds: in
     acc = RDPAccountant()
     acc.history = [(float(noise_multiplier), float(sample_rate), int(rounds))]
     return float(acc.get_epsilon(delta=delta))
+
+
+def case_level_epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float) -> float:
+    """Epsilon at ``delta`` for one training case of a site under client-level DP with multiplier
+    ``noise_multiplier`` (z, the whole mechanism's, as recorded in ``client_dp.noise_multiplier``).
+
+    The site-level guarantee assumes a site is added or removed: its clipped update (norm <= C) appears or not
+    (sensitivity C) and its unclipped bit, centred, moves the count by 1/2. A case changes a site that takes part
+    either way: its clipped update goes from one vector of norm <= C to another (sensitivity 2C) and its bit
+    flips (sensitivity 1). With the update's multiplier z_u and the count's noise std sigma_b (Andrew et al.
+    2021, Theorem 1: z^-2 = z_u^-2 + (2 sigma_b)^-2 for a site) a case sees (z_u / 2)^-2 + sigma_b^-2 = 4 z^-2,
+    i.e. the same mechanism at multiplier z / 2 (same sampling rate, rounds and delta). Exact at
+    ``sample_rate`` 1 (every site in every round, as in ``simulate`` and the Flower server). A non-adaptive
+    clip (no count) gives the same z / 2.
+
+    Larger than :func:`client_level_epsilon` at the same z: e.g. 18.8 for a case where a site has 8 (delta 1e-5,
+    sampling rate 1)."""
+    return client_level_epsilon(float(noise_multiplier) / 2.0, sample_rate, rounds, delta)
 
 
 def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, rounds: int) -> float:
@@ -60,11 +100,20 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate:
                                       steps=rounds, accountant="rdp", epsilon_tolerance=0.005))
 
 
+def _check_min_updates(min_updates) -> None:
+    if isinstance(min_updates, bool) or not isinstance(min_updates, (int, np.integer)) or min_updates < 1:
+        raise ValueError(f"client-level DP: min_updates (fewest valid site updates per round) must be an "
+                         f"integer >= 1, got {min_updates!r}")
+
+
 class ClientLevelDP:
     """DP-FedAvg wrapper around an averaging strategy (``aggregate(global_arrays, updates)``).
 
     Give either ``noise_multiplier`` (z, the multiplier of the whole mechanism, count included) or
     ``target_epsilon`` (z is then calibrated in :meth:`start`, when the number of rounds is known).
+    ``min_updates`` (>= 1; :meth:`start` may set it, e.g. the server's ``min-sites``) is the fewest valid site
+    updates a round needs: an attempt with fewer raises :class:`TooFewUpdates` and releases nothing.
+    With ``target_epsilon``, more rounds than :meth:`start` calibrated for raise :class:`PrivacyBudgetSpent`.
     """
 
     name = "client_dp"
@@ -72,7 +121,7 @@ class ClientLevelDP:
     def __init__(self, strategy, *, noise_multiplier: float | None = None, target_epsilon: float | None = None,
                  target_delta: float = 1e-5, clip: float = 1.0, adaptive: bool = True, target_quantile: float = 0.5,
                  clip_lr: float = 0.2, count_stddev: float | None = None, sample_rate: float = 1.0,
-                 rng: np.random.Generator | None = None):
+                 min_updates: int = 1, rng: np.random.Generator | None = None):
         if not isinstance(strategy, FedAvg):
             raise ValueError(f"client-level DP needs an averaging strategy (its noise is calibrated to the sum of "
                              f"clipped updates); got {type(strategy).__name__}")
@@ -95,6 +144,7 @@ class ClientLevelDP:
             raise ValueError(f"client_count_stddev must be > 0, got {count_stddev}")
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample rate of sites must lie in (0, 1], got {sample_rate}")
+        _check_min_updates(min_updates)
         self.strategy = strategy
         self.requested_noise_multiplier = noise_multiplier
         self.target_epsilon = target_epsilon
@@ -105,6 +155,7 @@ class ClientLevelDP:
         self.clip_lr = float(clip_lr)
         self.requested_count_stddev = count_stddev
         self.sample_rate = float(sample_rate)
+        self.min_updates = int(min_updates)
         # noise must be unpredictable to whoever sees the model: OS entropy unless a generator is given
         self.rng = rng if rng is not None else np.random.default_rng()
         self.num_sites: int | None = None
@@ -113,12 +164,22 @@ class ClientLevelDP:
         self._last: dict | None = None
 
     # ------------------------------------------------------------------ set-up
-    def start(self, num_sites: int, rounds: int, history: Iterable[Mapping] = ()) -> None:
+    def start(self, num_sites: int, rounds: int, history: Iterable[Mapping] = (),
+              min_updates: int | None = None) -> None:
         """Called by the driver before the first round: federation size (the fixed denominator is
-        ``sample_rate * num_sites``), schedule (for calibration) and the records of rounds already completed
-        (a resumed run continues with their clipping norm and privacy spent)."""
+        ``sample_rate * num_sites``), schedule (for calibration), the records of rounds already completed
+        (a resumed run continues with their clipping norm and privacy spent) and, if given, the fewest valid
+        updates a round needs (``min_updates``, 1 <= min_updates <= num_sites: the server's ``min-sites``).
+        Raises ValueError for values out of range."""
         if num_sites < 1 or rounds < 1:
             raise ValueError(f"client-level DP needs num_sites >= 1 and rounds >= 1, got {num_sites}, {rounds}")
+        if min_updates is not None:
+            _check_min_updates(min_updates)
+        needed = self.min_updates if min_updates is None else int(min_updates)
+        if needed > num_sites:
+            raise ValueError(f"client-level DP: a round needs {needed} valid site updates but the federation has "
+                             f"{num_sites} site(s)")
+        self.min_updates = needed
         self.num_sites, self.rounds = int(num_sites), int(rounds)
         self.expected_sites = self.sample_rate * self.num_sites
         if self.target_epsilon is not None:
@@ -172,10 +233,22 @@ class ClientLevelDP:
 
     # ------------------------------------------------------------------ one round
     def aggregate(self, global_arrays: Mapping[str, np.ndarray], updates: Iterable[Update]) -> dict[str, np.ndarray]:
+        """One round: the new global arrays (same names, shapes and dtypes as ``global_arrays``) from the site
+        updates, clipped to the current clip, summed, noised and divided by the expected number of sites.
+
+        Raises :class:`PrivacyBudgetSpent` (before reading any update) when a target epsilon is set and the
+        calibrated rounds are all done; :class:`NoValidUpdates` (:class:`TooFewUpdates` when some came) when
+        fewer than ``min_updates`` updates are valid. Both leave the clip, ``rounds_done`` and the noise
+        generator untouched: only a round that returns is released and accounted."""
         from flwr.supercore.differential_privacy import clip_inputs_inplace, get_norm
 
         if self.num_sites is None:
             raise RuntimeError("ClientLevelDP.start(num_sites, rounds) must be called before the first round")
+        if self.target_epsilon is not None and self.rounds_done >= self.rounds:
+            raise PrivacyBudgetSpent(
+                f"client-level DP: the noise was calibrated for {self.rounds} round(s) at target epsilon "
+                f"{self.target_epsilon:g} and {self.rounds_done} are done (epsilon {self.epsilon:.4g}); another "
+                f"round would spend more than the target")
         clip = self.clip
         floats = [k for k, v in global_arrays.items() if np.issubdtype(v.dtype, np.floating)]
         bits: dict[str, float] = {}
@@ -200,6 +273,9 @@ class ClientLevelDP:
 
         mean = self.strategy.aggregate(global_arrays, clipped_updates())
         k = len(self.strategy.accepted)
+        if k < self.min_updates:  # nothing drawn, nothing moved: this attempt releases nothing
+            raise TooFewUpdates(f"{k} valid site update(s), {self.min_updates} needed (min-sites); client-level DP "
+                                f"releases nothing for this attempt and the round can be repeated")
         sigma = self.update_noise_multiplier * clip
         out = {k_: np.array(v, copy=True) for k_, v in global_arrays.items()}
         for name in floats:
