@@ -10,6 +10,10 @@ site's imagesTs with nnU-Net's predictor and nnU-Net's evaluation scores them ag
     python3 benchmarks/privacy_utility.py --workdir B --methods nnUNetTrainerFedADP &   # in parallel, then
     python3 benchmarks/privacy_utility.py --report A B                                   # one table
 
+The sites are planned by nnU-Net on their own data and the DP trainers are told the plans are public
+(``public_plans``): the epsilon in the table covers each site's noisy case count and its training steps, not the
+planning (with ``--federated-planning --dp-epsilon`` it would cover that too).
+
 Every finished run is appended to ``<workdir>/runs.jsonl`` and kept: the same command run again trains only the
 runs that have not finished (an interrupted one, or more ``--seeds``), unless ``--rerun``. The table is built
 from the runs found on disk (predictions scored with nnU-Net's evaluation, epsilon from the run's round metrics)
@@ -99,9 +103,11 @@ def main(argv=None) -> int:
     for label, trainer, kind in methods:
         for eps in ([None] if kind is None else args.epsilons):
             for seed in range(args.seeds):
+                # every site is planned by nnU-Net on its own data: the plans are declared public, as in every
+                # row of the table, so the epsilon covers the case count and the training (not the planning)
                 options = {} if eps is None else {"target_epsilon": str(eps), "target_delta": str(args.delta),
                                                   "expected_batch_size": str(args.expected_batch_size),
-                                                  **parse_options(args.option)}
+                                                  "public_plans": "true", **parse_options(args.option)}
                 fed = run_name(trainer, eps, seed)
                 if not args.rerun and run_finished(args.workdir, trainer, eps, seed, names):
                     print(f"{label:22s} eps={eps if eps is not None else '-':>4} seed {seed}: finished earlier, "

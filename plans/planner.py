@@ -138,7 +138,10 @@ class FederatedPlannerMixin:
             self.dataset_fingerprint = fp
 
     def plan_experiment(self):
-        with self._nnunet_paths():
+        # nnU-Net's VRAM estimate sets torch's thread count from nnUNet_n_proc_DA, which may be 0 (augmentation in
+        # the main process): the planner's threads must not depend on that setting
+        threads = str(max(1, int(os.environ.get("nnUNet_n_proc_DA") or 1)))
+        with self._nnunet_paths(), _environ(nnUNet_n_proc_DA=threads):
             return super().plan_experiment()
 
     def save_plans(self, plans):

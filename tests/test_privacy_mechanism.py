@@ -1,5 +1,6 @@
 """Sample-level DP: exact per-case clipping on nnU-Net's networks, accounting against dp_accounting, budget
 refusal, adaptive clipping, and the DP trainers end to end (nnunet_fed simulate, plain nnUNetv2_train)."""
+import glob
 import json
 import os
 
@@ -222,14 +223,56 @@ def test_simulate_fedadp_end_to_end(site_env):
         # the accountant continued across rounds (state file per round): one history entry per step count
         assert sum(h[2] for h in rep["history"]) == rounds * steps
         assert rep["epsilon"] <= 8.0 and rep["planned_epsilon"] <= 8.0
+        assert_outside_files_in_ledger(site_env, os.path.join(fold, "privacy_ledger.json"))
+
+
+def _keys_of(path: str) -> set:
+    """The names of what a file the simulation wrote holds (keys at every level that carries data)."""
+    name = os.path.basename(path)
+    if name.endswith(".png") or name == "plans.json":  # a drawing of the round metrics; the plans as a whole
+        return set()
+    if name.endswith(".jsonl"):
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        return {k for r in rows for k in r} | {k for r in rows for m in r["sites"].values() for k in m}
+    if name.endswith(".json"):
+        with open(path) as f:
+            return set(json.load(f))
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    return set(obj) | set(obj.get("init_args", {}))
+
+
+def assert_outside_files_in_ledger(site_env, ledger_path: str) -> None:
+    """Every file the simulation wrote outside the sites' own folders, and every entry in it, is listed in the
+    site's privacy ledger."""
+    from nnunet_fed.privacy.ledger import PrivacyLedger
+
+    listed = PrivacyLedger.load(ledger_path).released_names()
+    sites = [os.path.join(site_env["results"], n) + os.sep for n in site_env["names"]]
+    outside = [p for p in glob.glob(os.path.join(site_env["results"], "**", "*"), recursive=True)
+               if os.path.isfile(p) and not any(p.startswith(s) for s in sites)]
+    assert outside
+    for path in outside:
+        missing = ({os.path.basename(path)} | _keys_of(path)) - listed
+        assert not missing, f"{path}: not in the privacy ledger: {sorted(missing)}"
 
 
 def test_budget_refusal_names_the_epsilon(site_env):
-    proc = run_cli(nnunet_fed_cmd() + ["simulate", "-d", site_env["ids"][0], "-c", "2d", "-tr", "nnUNetTrainerFedDP",
-                                       "--rounds", "2", "--local-steps", "50", "--device", "cpu", "--no-val",
-                                       "--no-progress", "-o", "target_epsilon=0.01", "-o", "max_noise_multiplier=3",
-                                       "-o", "sampling_rate=0.5", "-o", "public_plans=true"],
-                   {**site_env["env"], "nnUNet_n_proc_DA": "0"}, check=False)
+    """A target the schedule cannot meet, or one the single releases alone (here the case count) already spend,
+    stops the run before its first step, saying which epsilon it would reach."""
+    def run(target, *extra):
+        return run_cli(nnunet_fed_cmd() + ["simulate", "-d", site_env["ids"][0], "-c", "2d", "-tr",
+                                           "nnUNetTrainerFedDP", "--rounds", "2", "--local-steps", "50", "--device",
+                                           "cpu", "--no-val", "--no-progress", "-o", f"target_epsilon={target}",
+                                           "-o", "max_noise_multiplier=3", "-o", "sampling_rate=0.5",
+                                           "-o", "public_plans=true", *extra],
+                       {**site_env["env"], "nnUNet_n_proc_DA": "0"}, check=False)
+
+    proc = run(0.3)  # the case count at its default noise costs 0.375 alone
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "cannot be met" in out and "case count) spends 0.37" in out
+    proc = run(0.5, "-o", "case_count_noise=1000")
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert "cannot be met" in out and "would reach epsilon" in out

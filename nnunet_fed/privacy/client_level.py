@@ -44,6 +44,7 @@ import numpy as np
 from nnunet_fed.federation.aggregation import FedAvg, NoValidUpdates, UpdateRejected, check_update
 from nnunet_fed.federation.trainer import nnUNetTrainerFederated
 from nnunet_fed.federation.update import Update
+from nnunet_fed.privacy import randomness
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +157,8 @@ class ClientLevelDP:
         self.requested_count_stddev = count_stddev
         self.sample_rate = float(sample_rate)
         self.min_updates = int(min_updates)
-        # noise must be unpredictable to whoever sees the model: OS entropy unless a generator is given
-        self.rng = rng if rng is not None else np.random.default_rng()
+        # noise must be unpredictable to whoever sees the model: OS entropy (randomness) unless a generator is given
+        self.rng = rng if rng is not None else randomness.numpy_generator()
         self.num_sites: int | None = None
         self.rounds: int | None = None
         self.rounds_done = 0

@@ -331,9 +331,12 @@ class nnUNetTrainerDPBase(nnUNetTrainerFederated):
                     f"{f' + {extra} fine-tuning steps' if extra else ''} (sampling rate {q:.4g}) would reach epsilon "
                     f"{planned:.4g} > target_epsilon={o['target_epsilon']:g}")
         else:
-            self.dp_sigma0 = acct.calibrate(float(o["target_epsilon"]), self.dp_delta, q, steps, rounds, accountant,
-                                            self.dp_mechanism, decay, float(o["max_noise_multiplier"]),
-                                            extra_steps=extra, events=events)
+            try:
+                self.dp_sigma0 = acct.calibrate(float(o["target_epsilon"]), self.dp_delta, q, steps, rounds,
+                                                accountant, self.dp_mechanism, decay, float(o["max_noise_multiplier"]),
+                                                extra_steps=extra, events=events)
+            except acct.BudgetError as e:
+                raise acct.BudgetError(f"site {self.site_name}: {e}") from None
             planned = acct.epsilon(acct.planned_schedule(self.dp_sigma0, q, steps, rounds, decay, extra),
                                    self.dp_delta, accountant, self.dp_mechanism, events)
         self.dp_planned_epsilon = planned
@@ -486,6 +489,20 @@ class nnUNetTrainerDPBase(nnUNetTrainerFederated):
                                "dataset.json", REPORT_FILE, LEDGER_FILE])
         ledger.release("setup", "site name, plans, dataset description (channel names, labels, file ending)",
                        "server", "declared public", fields=list(SETUP_FIELDS))
+        from dataclasses import fields as dataclass_fields
+
+        from nnunet_fed.federation.simulation import SimulationConfig
+
+        ledger.release("federation records", "the server's records of the run: round metrics as above, the global "
+                       "weights, the run's settings", "server (the federation's folder)",
+                       "post-processing of the releases above, or the run's (public) settings",
+                       fields=["federation_metrics.jsonl", "federation_progress.png", "federation_state.pth",
+                               "federation_config.json", "round", "sites", "rejected", "failed", "completed_rounds",
+                               "global_arrays", "run_config", *[f.name for f in dataclass_fields(SimulationConfig)]])
+        ledger.release("server-observed timing", "how long the site takes to answer a round (the 'seconds' of a "
+                       "round in the federation records)", "server", "not privatised: it grows with the "
+                       "Poisson-sampled batch sizes (a caveat of every deployment: the server sees when a reply "
+                       "arrives)", fields=["seconds"])
         return ledger
 
     def privacy_report(self) -> dict:
