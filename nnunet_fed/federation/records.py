@@ -53,11 +53,6 @@ class MetricsLog:
     def plot(self, png_path: str | None = None) -> str:
         """Pseudo Dice against rounds, per site; sites that keep their pseudo Dice (DP trainers) are drawn by the
         epsilon they have spent instead."""
-        import matplotlib
-
-        matplotlib.use("agg")
-        import matplotlib.pyplot as plt
-
         rows = self.read()
         png_path = png_path or os.path.join(os.path.dirname(self.path), PLOT_FILE)
         sites = sorted({s for r in rows for s in r["sites"]})
@@ -72,23 +67,33 @@ class MetricsLog:
             return out
 
         dice, eps = series("pseudo_dice"), series("epsilon")
-        panels = [(d, label) for d, label in ((dice, "pseudo Dice (site validation fold)"),
-                                              (eps, "epsilon spent (total)")) if d] or [({}, "pseudo Dice")]
-        fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4), squeeze=False)
-        for ax, (data, label) in zip(axes[0], panels):
-            for site, pts in data.items():
-                ax.plot(*zip(*pts), marker="o", label=site)
-            ax.set_xlabel("round")
-            ax.set_ylabel(label)
-            if data is dice:
-                ax.set_ylim(0, 1)
-            ax.grid(alpha=0.3)
-            if data:
-                ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(png_path, dpi=100)
-        plt.close(fig)
-        return png_path
+        panels = [p for p in ((dice, "pseudo Dice (site validation fold)", (0, 1)), (eps, "epsilon spent (total)", None))
+                  if p[0]] or [({}, "pseudo Dice", (0, 1))]
+        return plot_per_site(panels, png_path)
+
+
+def plot_per_site(panels: list, png_path: str) -> str:
+    """One panel per ``(series, y label, y limits or None)``, side by side; ``series``: site -> [(round, value)]."""
+    import matplotlib
+
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4), squeeze=False)
+    for ax, (data, label, ylim) in zip(axes[0], panels):
+        for site, pts in data.items():
+            ax.plot(*zip(*pts), marker="o", label=site)
+        ax.set_xlabel("round")
+        ax.set_ylabel(label)
+        if ylim is not None:
+            ax.set_ylim(*ylim)
+        ax.grid(alpha=0.3)
+        if data:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path
 
 
 def save_server_state(folder: str, completed_rounds: int, global_arrays: Mapping[str, np.ndarray],

@@ -7,7 +7,8 @@ Each of nnU-Net's iterations becomes one *logical* DP-SGD step:
 2. in physical batches of nnU-Net's batch size: exact per-sample gradients of nnU-Net's loss (Dice + CE, deep
    supervision), each clipped to ``C`` (L2; L1 in Laplace mode) and summed (``per_sample.PerSampleClipper``);
 3. noise added once: ``N(0, (sigma_g C)^2)`` per coordinate (Laplace ``b_g C`` in Laplace mode), the sum divided by
-   the expected logical batch size ``q N~`` (also for an empty batch, which releases noise only);
+   the expected logical batch size (``expected_batch_size``, or ``q N~`` with ``sampling_rate``; also for an empty
+   batch, which releases noise only);
 4. nnU-Net's optimizer step (SGD, momentum, poly learning rate; FedProx's proximal term if set);
 5. with adaptive clipping, the noisy count of unclipped cases moves ``C`` (``adaptive.AdaptiveClip``);
 6. the accountant records (sigma, q, 1 step).
@@ -18,7 +19,7 @@ that scale in Laplace mode; sensitivity 1, accounted) and every value that depen
 ``N~``: the sampling rate ``q = expected_batch_size / max(N~, expected_batch_size)``, the divisor, the noise
 multiplier calibrated from ``q``, the FedAvg weight. Plans derived from exact fingerprints are refused unless
 declared public (``public_plans``); with federated plans made from DP summaries the site's planning epsilon is
-part of the same total. Which patients are training cases is decided per case (``hash_split``), so adding one
+part of the same total. Which cases are training cases is decided per case (``hash_split``), so adding one
 case never moves another between training and validation. Round metrics are released only if accounted or
 derived from accounted values (``RELEASED_METRICS``); losses, pseudo-Dice and timings stay at the site.
 Everything released is listed in the site's privacy ledger (``ledger``), and every epsilon printed is the total.
@@ -26,9 +27,10 @@ Noise, Poisson sampling and the data pipeline's randomness come from OS entropy 
 
 The noise multiplier is calibrated before training from (target_epsilon, target_delta), the single releases
 (planning, case count) and the whole schedule (rounds x local steps, ``q``, optional decay over rounds); a
-target the schedule cannot meet is refused with the epsilon it would reach. The accountant history, the threshold and the step count live in every checkpoint,
-so the accounting continues across rounds, resumes and processes. Each round's metrics carry the site's
-(epsilon, delta) so far, and ``privacy_report.json`` in the site's fold folder holds the final report.
+target the schedule cannot meet is refused with the epsilon it would reach. The accountant history, the
+threshold, the step count and the noisy case count live in every checkpoint, so the accounting continues across
+rounds, resumes and processes. Each round's metrics carry the site's total (epsilon, delta) so far, and
+``privacy_report.json`` in the site's fold folder holds the final report.
 
 AMP: nnU-Net trains with autocast + GradScaler on CUDA; DP steps run in float32 (per-sample gradients and their
 norms in half precision would need per-sample loss scaling), validation keeps autocast.

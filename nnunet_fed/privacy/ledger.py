@@ -188,25 +188,10 @@ def format_ledger(ledger: PrivacyLedger, path: str) -> str:
 
 def plot_ledgers(ledgers: list[tuple[str, PrivacyLedger]], png_path: str) -> str:
     """Total epsilon after each round, per site."""
-    import matplotlib
+    from nnunet_fed.federation.records import plot_per_site
 
-    matplotlib.use("agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for _, led in ledgers:
-        pts = [(r + 1, e) for r, e in enumerate(led.round_epsilons) if e is not None]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=led.site)
-    ax.set_xlabel("round")
-    ax.set_ylabel("epsilon spent (total)")
-    ax.grid(alpha=0.3)
-    if ledgers:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-    return png_path
+    series = {led.site: [(r + 1, e) for r, e in enumerate(led.round_epsilons) if e is not None] for _, led in ledgers}
+    return plot_per_site([({k: v for k, v in series.items() if v}, "epsilon spent (total)", None)], png_path)
 
 
 def add_privacy_report_command(sub) -> None:
