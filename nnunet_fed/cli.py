@@ -11,7 +11,12 @@ def _add_simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-d", "--datasets", nargs="+", required=True, help="dataset IDs or names, one per site")
     p.add_argument("-c", "--configuration", required=True, help="nnU-Net configuration, e.g. 2d or 3d_fullres")
     p.add_argument("-tr", "--trainer", default="nnUNetTrainerFedAvg", help="federated trainer class")
-    p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
+    p.add_argument("-p", "--plans", default=None,
+                   help="plans identifier (default nnUNetPlans; with --federated-planning the planner's plans, "
+                        "nnUNetFedPlans)")
+    p.add_argument("-pl", "--planner", default=None,
+                   help="with --federated-planning: nnU-Net's experiment planner, as nnUNetv2_plan_and_preprocess "
+                        "-pl (default ExperimentPlanner; e.g. nnUNetPlannerResEncM: plans nnUNetFedResEncUNetMPlans)")
     p.add_argument("-f", "--fold", default="0", help="nnU-Net fold (0-4 or 'all')")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--local-steps", type=int, default=50, help="training iterations per site and round")
@@ -46,51 +51,82 @@ def parse_options(items) -> dict:
     return options
 
 
-def cmd_simulate(args) -> int:
-    from nnunet_fed.federation.simulation import SimulationConfig, simulate
+def parse_fold(text: str) -> int | str:
+    """``-f``: a fold number or ``all``, with an error naming the argument."""
+    text = str(text).strip()
+    if text == "all":
+        return "all"
+    try:
+        fold = int(text)
+    except ValueError:
+        fold = -1
+    if fold < 0:
+        raise FederationSetupError(f"-f/--fold must be a fold number (0-4 with nnU-Net's 5-fold split) or 'all', "
+                                   f"got {text!r}")
+    return fold
 
-    fold = args.fold if args.fold == "all" else int(args.fold)
-    plans_identifier = args.plans
+
+def cmd_simulate(args) -> int:
+    from nnunet_fed.federation.commands import predict_command
+    from nnunet_fed.federation.simulation import SimulationConfig, check_schedule, simulate
+    from nnunet_fed.sites import find_trainer, require_nnunet_paths
+
+    cfg = SimulationConfig(dataset_ids=args.datasets, configuration=args.configuration, trainer=args.trainer,
+                           rounds=args.rounds, local_steps=args.local_steps, val_steps=args.val_steps,
+                           fold=parse_fold(args.fold), plans_identifier=args.plans or "nnUNetPlans",
+                           device=args.device, fedprox_mu=args.fedprox_mu, federation_name=args.federation_name,
+                           seed=args.seed, final_validation=not args.no_val, fresh=args.fresh,
+                           progress=not args.no_progress, trainer_options=parse_options(args.option))
     if args.dp_epsilon is not None and not args.federated_planning:
         raise FederationSetupError("--dp-epsilon is the epsilon of the planning summaries: it needs "
                                    "--federated-planning")
-    if args.federated_planning:
-        from nnunet_fed.sites import find_trainer
+    if args.planner is not None and not args.federated_planning:
+        raise FederationSetupError("-pl chooses the planner of --federated-planning; without it, plan with "
+                                   "nnUNetv2_plan_and_preprocess -pl ... and train with its -p")
+    if args.federated_planning:  # everything is checked before round 0 plans and preprocesses the sites
+        from nnunet_fed.plans.federated_planning import run_federated_planning
+        from nnunet_fed.plans.planner import federated_planner, federated_plans_name
 
+        require_nnunet_paths()
+        check_schedule(cfg)
         trainer_cls = find_trainer(args.trainer)
-        options = trainer_cls.resolve_options(parse_options(args.option))  # bad options fail before planning
+        options = trainer_cls.resolve_options(cfg.trainer_options)
         if trainer_cls.private and args.dp_epsilon is None and not options.get("public_plans"):
             raise FederationSetupError(
                 f"{args.trainer} is differentially private: plan with DP summaries (add --dp-epsilon E; E counts in "
-                f"the same total as training) or declare the plans public (-o public_plans=true)")  # round 0: fingerprint summaries, merged plans, site preprocessing
-        from nnunet_fed.plans.federated_planning import run_federated_planning
-
-        plans_identifier = run_federated_planning(args.datasets, configurations=(args.configuration,),
-                                                  num_processes=args.num_processes, dp_epsilon=args.dp_epsilon)
-    cfg = SimulationConfig(dataset_ids=args.datasets, configuration=args.configuration, trainer=args.trainer,
-                           rounds=args.rounds, local_steps=args.local_steps, val_steps=args.val_steps, fold=fold,
-                           plans_identifier=plans_identifier, device=args.device, fedprox_mu=args.fedprox_mu,
-                           federation_name=args.federation_name, seed=args.seed, final_validation=not args.no_val,
-                           fresh=args.fresh, progress=not args.no_progress,
-                           trainer_options=parse_options(args.option))
+                f"the same total as training) or declare the plans public (-o public_plans=true)")
+        planned = federated_plans_name(federated_planner(args.planner or "ExperimentPlanner"))
+        if args.plans is not None and args.plans != planned:
+            raise FederationSetupError(
+                f"-p {args.plans}: --federated-planning makes the plans {planned} with nnU-Net's "
+                f"{args.planner or 'ExperimentPlanner'}; for nnU-Net's residual encoder presets choose the planner "
+                f"(-pl nnUNetPlannerResEncM, nnUNetPlannerResEncL or nnUNetPlannerResEncXL: plans "
+                f"nnUNetFedResEncUNetMPlans, ...), or leave -p out")
+        cfg.plans_identifier = run_federated_planning(
+            args.datasets, configurations=(args.configuration,), num_processes=args.num_processes,
+            dp_epsilon=args.dp_epsilon, planner=args.planner or "ExperimentPlanner", reuse=not args.fresh,
+            report=print)
     out = simulate(cfg)
     personalised = out["global_checkpoint"] is None  # local parameters: one personal model per site
     print(f"{'federation records' if personalised else 'global model'}: {out['global_model_folder']}")
     for site, folder in out["site_folders"].items():
         print(f"site {site}: {folder}")
     target = "<site>" if personalised else out["federation_name"]
-    print(f"predict with: nnUNetv2_predict -d {target} -tr {cfg.trainer} -p {cfg.plans_identifier} "
-          f"-c {cfg.configuration} -f {cfg.fold} -i <images> -o <output>"
-          f"{' (personalised: each site predicts with its own model)' if personalised else ''}")
+    command = predict_command(target, cfg.trainer, cfg.plans_identifier, cfg.configuration, cfg.fold,
+                              device=cfg.device)
+    print(f"predict with: {command}"
+          f"{' (personalised: each site predicts with its own model, <site> = its dataset)' if personalised else ''}")
     return 0
 
 
 def cmd_make_data(args) -> int:
     from nnunet_fed.data.synthetic import make_federated_datasets
+    from nnunet_fed.sites import require_nnunet_paths
 
+    require_nnunet_paths(("nnUNet_raw",))
     names = make_federated_datasets(first_id=args.first_id, num_sites=args.sites, scenario=args.scenario,
                                     dim=args.dim, num_train=args.num_train, num_test=args.num_test, seed=args.seed,
-                                    modality=args.modality, overwrite=args.overwrite)
+                                    modality=args.modality, overwrite=args.overwrite, layout=args.layout)
     for n in names:
         print(n)
     return 0
@@ -127,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-train", type=int, default=40)
     p.add_argument("--num-test", type=int, default=10)
     p.add_argument("--modality", default="MRI", help="channel name written to dataset.json (e.g. MRI, CT)")
+    p.add_argument("--layout", default="nifti", choices=["nifti", "rgb-png", "ignore-label", "regions", "no-foreground"],
+                   help="how the sites store their cases: nifti (default), rgb-png (2D RGB .png), ignore-label "
+                        "(sparse annotation, label 3 = ignore), regions (two channels, region-based labels), "
+                        "no-foreground (healthy controls: every label 0); a tiny site: --num-train 3")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_make_data)

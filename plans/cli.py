@@ -24,6 +24,9 @@ def cmd_site_fingerprint(args) -> int:
     dp = f", DP epsilon {s['dp']['epsilon']}" if s["dp"] else ""
     print(f"site {s['dataset_name']}: summary of {s['num_cases'] if s['dp'] is None else 'a noisy number of'} "
           f"cases{dp} written to {output} (nnU-Net's own fingerprint stays in nnUNet_preprocessed)")
+    if s["dp"] is None and all(c["num_cases_with_foreground"] == 0 for c in s["foreground_intensities"].values()):
+        print(f"site {s['dataset_name']}: no foreground in any of its {s['num_cases']} cases: it adds nothing to the "
+              f"foreground intensity statistics and trains on background (e.g. healthy controls)")
     return 0
 
 
@@ -31,7 +34,7 @@ def cmd_plan(args) -> int:
     from nnunet_fed.plans.planner import plan_federation
 
     plans = plan_federation(args.fingerprints, args.output, gpu_memory_target_in_gb=args.gpu_memory_target,
-                            federation_name=args.federation_name, quiet=not args.verbose)
+                            federation_name=args.federation_name, planner_class=args.planner, quiet=not args.verbose)
     fed = plans["federation"]
     print(f"plans {plans['plans_name']} for {len(fed['sites'])} site(s), {fed['num_cases']} cases, "
           f"configurations {', '.join(plans['configurations'])}: {args.output}")
@@ -74,7 +77,10 @@ def add_planning_commands(subparsers) -> None:
     p = subparsers.add_parser("plan", help="merge site summaries and plan one nnU-Net experiment (nnUNetFedPlans)")
     p.add_argument("--fingerprints", nargs="+", required=True, help="site summary JSON files")
     p.add_argument("-o", "--output", required=True, help="plans JSON to write")
-    p.add_argument("--gpu-memory-target", type=float, default=None, help="GB (nnU-Net's default: 8)")
+    p.add_argument("-pl", "--planner", default="ExperimentPlanner",
+                   help="nnU-Net's experiment planner (as nnUNetv2_plan_and_preprocess -pl), e.g. nnUNetPlannerResEncM; "
+                        "the plans are named after it: nnUNetFedPlans, nnUNetFedResEncUNetMPlans, ...")
+    p.add_argument("--gpu-memory-target", type=float, default=None, help="GB (default: the planner's own, e.g. 8)")
     p.add_argument("--federation-name", default=None, help="dataset name recorded in the plans "
                                                            "(default DatasetFed_<ids>)")
     p.add_argument("--verbose", action="store_true")

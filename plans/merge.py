@@ -27,7 +27,7 @@ import numpy as np
 
 from nnunet_fed.plans.sketch import LogSketch
 from nnunet_fed.plans.summary import GEOMETRY_KINDS, SHARED_DATASET_KEYS, SUMMARY_FORMAT, SUMMARY_VERSION
-from nnunet_fed.sites import FederationSetupError, describe
+from nnunet_fed.sites import FederationSetupError, dataset_json_difference
 
 MERGED_FORMAT = "nnunet_fed.merged_fingerprint"
 
@@ -58,12 +58,10 @@ def validate_summaries(summaries: list[dict]) -> None:
         if ref["dataset_json"].get(key) is None:
             raise FederationSetupError(f"site {ref_name}: dataset.json has no {key!r}")
     for s, name in zip(summaries[1:], names[1:]):
-        for key in SHARED_DATASET_KEYS:
-            a, b = s["dataset_json"].get(key), ref["dataset_json"].get(key)
-            if describe(a) != describe(b):
-                raise FederationSetupError(
-                    f"site {name}: {key} differ from site {ref_name}: {describe(a)} vs {describe(b)}. "
-                    f"All sites must use the same {key}.")
+        diff = dataset_json_difference(s["dataset_json"], ref["dataset_json"])
+        if diff is not None:
+            raise FederationSetupError(f"site {name}: {diff[0]} differ from site {ref_name}: {diff[1]}. All sites "
+                                       f"must use the same {diff[0]}.")
         if int(s["num_axes"]) != int(ref["num_axes"]):
             raise FederationSetupError(f"site {name}: images have {s['num_axes']} axes, site {ref_name} "
                                        f"{ref['num_axes']} (2D and 3D sites cannot be planned together)")

@@ -64,8 +64,8 @@ def _environ(**values: str):
 class FederatedPlannerMixin:
     """Put in front of an nnU-Net experiment planner class to plan it from a merged fingerprint."""
 
-    def __init__(self, merged_fingerprint: dict, gpu_memory_target_in_gb: float = 8,
-                 preprocessor_name: str = "DefaultPreprocessor", plans_name: str = FED_PLANS_IDENTIFIER,
+    def __init__(self, merged_fingerprint: dict, gpu_memory_target_in_gb: float | None = None,
+                 preprocessor_name: str = "DefaultPreprocessor", plans_name: str | None = None,
                  overwrite_target_spacing: Sequence[float] | None = None, suppress_transpose: bool = False):
         fed = merged_fingerprint.get("federation") if isinstance(merged_fingerprint, dict) else None
         if not fed or fed.get("format") != MERGED_FORMAT:
@@ -91,11 +91,12 @@ class FederatedPlannerMixin:
             with open(os.path.join(self._paths[var], name, fname), "w") as f:
                 json.dump(content, f)
 
-        with self._nnunet_paths():
-            super().__init__(name, gpu_memory_target_in_gb=gpu_memory_target_in_gb,
-                             preprocessor_name=preprocessor_name, plans_name=plans_name,
+        kwargs = {} if gpu_memory_target_in_gb is None else {"gpu_memory_target_in_gb": gpu_memory_target_in_gb}
+        with self._nnunet_paths():  # (the nnU-Net planner's own default GPU memory target unless one is given)
+            super().__init__(name, preprocessor_name=preprocessor_name,
+                             plans_name=plans_name or federated_plans_name(type(self)),
                              overwrite_target_spacing=overwrite_target_spacing,
-                             suppress_transpose=suppress_transpose)
+                             suppress_transpose=suppress_transpose, **kwargs)
 
         # per-axis order statistics of the merged histograms (see the module docstring)
         n = int(fed["num_cases"])
@@ -166,14 +167,53 @@ class FederatedExperimentPlanner(FederatedPlannerMixin, ExperimentPlanner):
     """nnU-Net's default ``ExperimentPlanner`` (plans identifier ``nnUNetFedPlans``) on a merged fingerprint."""
 
 
+DEFAULT_PLANNER = "ExperimentPlanner"
+
+
+def federated_plans_name(planner_class: type) -> str:
+    """The plans identifier of federated plans made with an nnU-Net planner: its own default plans name with
+    ``Fed`` after ``nnUNet`` (``nnUNetPlans`` -> ``nnUNetFedPlans``, ``nnUNetResEncUNetMPlans`` ->
+    ``nnUNetFedResEncUNetMPlans``), so that federated plans never overwrite a site's own nnU-Net plans."""
+    import inspect
+
+    base = next(c for c in planner_class.__mro__ if not issubclass(c, FederatedPlannerMixin))
+    default = inspect.signature(base.__init__).parameters["plans_name"].default
+    if not isinstance(default, str) or not default:
+        default = "nnUNetPlans"
+    return "nnUNetFed" + default[len("nnUNet"):] if default.startswith("nnUNet") else "Fed" + default
+
+
+def federated_planner(name: str = DEFAULT_PLANNER) -> type:
+    """The federated version of nnU-Net's experiment planner ``name`` (what ``nnUNetv2_plan_and_preprocess -pl``
+    takes: ``ExperimentPlanner``, ``nnUNetPlannerResEncM``/``L``/``XL``, or a planner class of your own in
+    nnunetv2.experiment_planning): ``FederatedPlannerMixin`` in front of it. Raises ``FederationSetupError`` for a
+    name nnU-Net does not know."""
+    if name in (None, "", DEFAULT_PLANNER):
+        return FederatedExperimentPlanner
+    import nnunetv2
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        cls = recursive_find_python_class(os.path.join(nnunetv2.__path__[0], "experiment_planning"), name,
+                                          current_module="nnunetv2.experiment_planning")
+    if cls is None or not (isinstance(cls, type) and issubclass(cls, ExperimentPlanner)):
+        raise FederationSetupError(f"-pl {name}: no such nnU-Net experiment planner in nnunetv2.experiment_planning "
+                                   f"(e.g. ExperimentPlanner, nnUNetPlannerResEncM, nnUNetPlannerResEncL, "
+                                   f"nnUNetPlannerResEncXL)")
+    return type(f"Federated{name}", (FederatedPlannerMixin, cls), {"__module__": __name__})
+
+
 def plan_federation(summary_files: Sequence[str], output_plans_file: str,
                     gpu_memory_target_in_gb: float | None = None, federation_name: str | None = None,
-                    planner_class: type = FederatedExperimentPlanner, quiet: bool = True) -> dict:
+                    planner_class: type | str = FederatedExperimentPlanner, quiet: bool = True) -> dict:
     """Merge the sites' summaries, plan with nnU-Net's planner and write one plans JSON (returned).
 
-    Everything is validated (summaries readable, same channel names / labels / file ending) before the plans
-    file is written.
+    ``planner_class``: a federated planner class, or the name of an nnU-Net planner (``federated_planner(name)``).
+    Everything is validated (planner, summaries readable, same channel names / labels / file ending) before the
+    plans file is written.
     """
+    if isinstance(planner_class, str):
+        planner_class = federated_planner(planner_class)
     if not summary_files:
         raise FederationSetupError("no site summary given (--fingerprints)")
     summaries = [load_summary(f) for f in summary_files]

@@ -24,8 +24,8 @@ import shutil
 from typing import Sequence
 
 from nnunet_fed.plans.planner import PLANS_FEDERATION_FORMAT
-from nnunet_fed.plans.summary import SHARED_DATASET_KEYS
-from nnunet_fed.sites import FederationSetupError, dataset_name, describe, read_json, require_nnunet_paths
+from nnunet_fed.sites import (FederationSetupError, dataset_json_difference, dataset_name, read_json,
+                              require_nnunet_paths)
 
 
 def load_federated_plans(plans_file: str) -> dict:
@@ -37,13 +37,10 @@ def load_federated_plans(plans_file: str) -> dict:
 
 
 def check_site_matches_plans(name: str, site_dataset_json: dict, plans: dict, plans_file: str = "the plans") -> None:
-    expected = plans["federation"]["dataset_json"]
-    for key in SHARED_DATASET_KEYS:
-        if describe(site_dataset_json.get(key)) != describe(expected.get(key)):
-            raise FederationSetupError(
-                f"site {name}: {key} differ from the federation's plans ({plans_file}): "
-                f"{describe(site_dataset_json.get(key))} vs {describe(expected.get(key))}. "
-                f"All sites must use the same {key}.")
+    diff = dataset_json_difference(site_dataset_json, plans["federation"]["dataset_json"])
+    if diff is not None:
+        raise FederationSetupError(f"site {name}: {diff[0]} differ from the federation's plans ({plans_file}): "
+                                   f"{diff[1]}. All sites must use the same {diff[0]}.")
 
 
 def _dataset_id(name: str) -> int:
@@ -54,8 +51,14 @@ def _dataset_id(name: str) -> int:
 
 
 def preprocess_site(dataset_id_or_name, plans_file: str, configurations: Sequence[str] = ("2d",),
-                    num_processes: int = 2, verbose: bool = False) -> str:
-    """Install the shared plans at this site and preprocess it; returns the plans identifier."""
+                    num_processes: int = 2, verbose: bool = False, verified: bool = False) -> str:
+    """Install the shared plans at this site and preprocess it; returns the plans identifier.
+
+    Before anything is written: the site's cases are verified (``nnunet_fed.site_data.verify_raw_site``; skipped
+    with ``verified`` when the caller has just done it) and its dataset.json is compared with the plans'. Raises
+    ``FederationSetupError`` naming the site (and case, value) otherwise."""
+    from nnunet_fed.site_data import verify_raw_site
+
     require_nnunet_paths(("nnUNet_raw", "nnUNet_preprocessed"))
     if isinstance(configurations, str):
         configurations = (configurations,)
@@ -74,6 +77,8 @@ def preprocess_site(dataset_id_or_name, plans_file: str, configurations: Sequenc
         raise FederationSetupError(f"site {name}: configuration(s) {missing} not in {plans_file} "
                                    f"(available: {sorted(plans['configurations'])})")
     dataset_number = _dataset_id(name)
+    if not verified:
+        verify_raw_site(name, num_processes=int(num_processes))
 
     # ------------------------------------------------------------------ validated: from here on we write
     from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
@@ -93,12 +98,9 @@ def preprocess_site(dataset_id_or_name, plans_file: str, configurations: Sequenc
     sink = io.StringIO()
     with contextlib.redirect_stdout(sink) if not verbose else contextlib.nullcontext():
         if not os.path.isfile(os.path.join(out_folder, "dataset_fingerprint.json")):
-            from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import \
-                DatasetFingerprintExtractor
+            from nnunet_fed.plans.summary import nnunet_fingerprint
 
-            fpe = DatasetFingerprintExtractor(name, num_processes=max(1, int(num_processes)), verbose=verbose)
-            fpe.show_progress_bar = verbose
-            fpe.run(overwrite_existing=False)
+            nnunet_fingerprint(name, num_processes, overwrite=False, verbose=verbose)  # (a site without foreground too)
         preprocess_dataset(dataset_number, plans_identifier, configurations,
                            [max(1, int(num_processes))] * len(configurations), verbose=verbose,
                            show_progress_bar=verbose)

@@ -216,46 +216,35 @@ def _software_versions() -> dict:
 # ------------------------------------------------------------------------------------------------ public API
 def summarize_site(dataset_id_or_name, output_file: str | None = None, num_processes: int = 2,
                    dp_epsilon: float | None = None, seed: int | None = None, reuse_fingerprint: bool = False,
-                   verbose: bool = False) -> dict:
-    """Fingerprint the site with nnU-Net (kept local) and return (and write to ``output_file``) its summary.
+                   verbose: bool = False, site_data=None) -> dict:
+    """Verify the site's cases, fingerprint it with nnU-Net (kept local) and return (and write to ``output_file``)
+    its summary.
+
+    The site's cases are verified first (``nnunet_fed.site_data.verify_raw_site``: nnU-Net's dataset verification,
+    every label value declared, image and label of the same size, ...): a bad case raises ``FederationSetupError``
+    naming the site, the case and the value before anything is written. ``site_data`` (the result of that check)
+    skips it when the caller has just run it. A site without any foreground voxel (e.g. healthy controls) is
+    summarised with no foreground intensities (``num_cases_with_foreground`` 0); its nnU-Net fingerprint is written
+    by ``nnunet_fingerprint``.
 
     ``seed`` seeds the DP noise (tests only: real noise must not be predictable; by default it comes from OS
     entropy, ``nnunet_fed.privacy.randomness``). ``reuse_fingerprint`` keeps
     an existing local ``dataset_fingerprint.json`` instead of re-extracting it (nnU-Net re-extracts by default).
     """
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
-    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
-    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+    from nnunet_fed.site_data import verify_raw_site
 
     require_nnunet_paths(("nnUNet_raw", "nnUNet_preprocessed"))
     if dp_epsilon is not None and not (float(dp_epsilon) > 0 and math.isfinite(float(dp_epsilon))):
         raise FederationSetupError(f"--dp-epsilon must be a positive number, got {dp_epsilon!r}")
     name = dataset_name(dataset_id_or_name)
-    raw_folder = os.path.join(os.environ["nnUNet_raw"], name)
-    dj_file = os.path.join(raw_folder, "dataset.json")
-    if not os.path.isfile(dj_file):
-        raise FederationSetupError(f"site {name}: {dj_file} does not exist")
-    dj = load_json(dj_file)
-    for key in ("channel_names", "labels", "file_ending"):
-        if key not in dj:
-            raise FederationSetupError(f"site {name}: dataset.json has no {key!r}")
-    try:
-        dataset = get_filenames_of_train_images_and_targets(raw_folder, dj)
-    except FileNotFoundError as e:
-        raise FederationSetupError(f"site {name}: training images not found ({e})") from None
-    if not dataset:
-        raise FederationSetupError(f"site {name}: no training case in {raw_folder}")
+    if site_data is None:
+        site_data = verify_raw_site(name, num_processes=int(num_processes))  # before anything is written
+    dj, dataset, rw = site_data.dataset_json, site_data.cases, site_data.reader_writer
 
-    sink = io.StringIO()
-    with contextlib.redirect_stdout(sink) if not verbose else contextlib.nullcontext():
-        # nnU-Net's own fingerprint: stays at the site (nnU-Net's trainer copies it into its results folder)
-        fpe = DatasetFingerprintExtractor(name, num_processes=max(1, int(num_processes)), verbose=verbose)
-        fpe.show_progress_bar = verbose
-        fingerprint = fpe.run(overwrite_existing=not reuse_fingerprint)
-        rw = determine_reader_writer_from_dataset_json(dj, dataset[next(iter(dataset))]["images"][0],
-                                                       verbose=False)
     cases = _analyze_cases(dataset, rw.__name__, int(num_processes))
+    has_foreground = any(ch is not None for c in cases for ch in c["channels"])
+    fingerprint = nnunet_fingerprint(name, num_processes, overwrite=not reuse_fingerprint, verbose=verbose,
+                                     has_foreground=has_foreground)
     if len(fingerprint.get("spacings", [])) != len(cases):
         raise FederationSetupError(
             f"site {name}: its dataset_fingerprint.json has {len(fingerprint.get('spacings', []))} cases but "
@@ -267,6 +256,52 @@ def summarize_site(dataset_id_or_name, output_file: str | None = None, num_proce
     if output_file is not None:
         write_summary(summary, output_file)
     return summary
+
+
+NNUNET_INTENSITY_KEYS = ("mean", "median", "std", "min", "max", "percentile_99_5", "percentile_00_5")
+
+
+def nnunet_fingerprint(name: str, num_processes: int = 2, overwrite: bool = True, verbose: bool = False,
+                       has_foreground: bool | None = None) -> dict:
+    """nnU-Net's ``dataset_fingerprint.json`` of the site, written to ``nnUNet_preprocessed/<name>/`` (it stays at
+    the site; nnU-Net's trainer copies it into its results folder). Returns the fingerprint dict.
+
+    nnU-Net's ``DatasetFingerprintExtractor.run`` takes percentiles of the site's pooled foreground samples, which
+    fails (``IndexError: index -1 is out of bounds``) when no case has a foreground voxel. For such a site
+    (``has_foreground`` False; ``None``: the label files are read to find out) the fingerprint is made from
+    nnU-Net's own per-case ``analyze_case`` (spacing, shape after cropping, relative size), with ``null``
+    intensity properties: there is no foreground to describe, and federated plans take them from the other
+    sites. With ``overwrite`` False an existing fingerprint is returned as it is."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
+    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+
+    out = os.path.join(os.environ["nnUNet_preprocessed"], name, "dataset_fingerprint.json")
+    if not overwrite and os.path.isfile(out):
+        return load_json(out)
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink) if not verbose else contextlib.nullcontext():
+        fpe = DatasetFingerprintExtractor(name, num_processes=max(1, int(num_processes)), verbose=verbose)
+        fpe.show_progress_bar = verbose
+        first_image = fpe.dataset[next(iter(fpe.dataset))]["images"][0]
+        rw = determine_reader_writer_from_dataset_json(fpe.dataset_json, first_image, verbose=False)
+        if has_foreground is None:
+            has_foreground = any(np.any(rw().read_seg(v["label"])[0] > 0) for v in fpe.dataset.values())
+        if has_foreground:
+            return fpe.run(overwrite_existing=True)
+        results = [DatasetFingerprintExtractor.analyze_case(v["images"], v["label"], rw, 0)
+                   for v in fpe.dataset.values()]
+    fingerprint = {
+        "spacings": [[float(x) for x in r[1]] for r in results],
+        "shapes_after_crop": [[int(x) for x in r[0]] for r in results],
+        "foreground_intensity_properties_per_channel": {
+            str(c): {k: None for k in NNUNET_INTENSITY_KEYS} for c in range(len(fpe.dataset_json["channel_names"]))},
+        "median_relative_size_after_cropping": float(np.median([r[4] for r in results])),
+        "nnunet_fed": "no foreground voxel in any case: no foreground intensity properties",
+    }
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    save_json(fingerprint, out, sort_keys=False)
+    return fingerprint
 
 
 def build_summary(name: str, dataset_json: dict, reader_writer_name: str, agg: dict,

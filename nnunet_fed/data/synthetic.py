@@ -23,6 +23,20 @@ Scenarios
 ``"organs"``  each site its own organ shape family (``ellipse`` / ``rim`` / ``bean``, cycled) with its own
               tumour appearance, on top of the scanner differences.
 
+Layouts (``layout``): how a site stores its cases, as real sites do (the anatomy above is the same)
+
+``nifti``          (default) one channel, ``.nii.gz``, labels 0 (background), 1 (organ), 2 (tumour).
+``rgb-png``        2D only: RGB ``.png`` images (nnU-Net's ``NaturalImage2DIO``, channels R, G, B, unit spacing),
+                   grey-value ``.png`` labels.
+``ignore-label``   sparse annotation: the left quarter of every training label is nnU-Net's ignore label (3,
+                   declared as ``"ignore"``); held-out labels are complete.
+``regions``        region-based training with two channels (``T1``, ``T2``): ``labels`` declares the regions
+                   ``whole_organ`` = (1, 2) and ``tumour`` = 2 with ``regions_class_order`` [1, 2]; the label files
+                   hold 0, 1, 2 as usual.
+``no-foreground``  a site without foreground (healthy controls): images with background only, every label 0.
+
+A tiny site is any layout with few training cases (``num_train=3``).
+
 Everything is deterministic given ``seed`` (and the site index): identical arguments give byte-identical
 arrays.
 """
@@ -36,9 +50,14 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-__all__ = ["make_federated_datasets", "site_parameters", "generate_case", "SCENARIOS", "FAMILIES"]
+__all__ = ["make_federated_datasets", "site_parameters", "generate_case", "SCENARIOS", "FAMILIES", "LAYOUTS"]
 
 SCENARIOS = ("shift", "organs")
+LAYOUTS = ("nifti", "rgb-png", "ignore-label", "regions", "no-foreground")
+#: part of the folder name of a site in a layout other than the default: Dataset101_ShiftPngSite0
+LAYOUT_TAGS = {"nifti": "", "rgb-png": "Png", "ignore-label": "Ignore", "regions": "Regions", "no-foreground": "NoFg"}
+IGNORE_LABEL = 3
+REGION_LABELS = {"background": 0, "whole_organ": [1, 2], "tumour": 2}  # nnU-Net: output channel k = k-th region
 FAMILIES = ("ellipse", "rim", "bean")
 LABELS = {"background": 0, "organ": 1, "tumour": 2}
 TUMOUR_PROBABILITY = 0.85
@@ -92,8 +111,8 @@ def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng([int(k) for k in key])
 
 
-def _scenario_folder_name(dataset_id: int, scenario: str, site: int) -> str:
-    return f"Dataset{dataset_id:03d}_{scenario.capitalize()}Site{site}"
+def _scenario_folder_name(dataset_id: int, scenario: str, site: int, layout: str = "nifti") -> str:
+    return f"Dataset{dataset_id:03d}_{scenario.capitalize()}{LAYOUT_TAGS[layout]}Site{site}"
 
 
 def site_parameters(site: int, scenario: str = "shift", dim: int = 2, seed: int = 0) -> dict:
@@ -188,8 +207,10 @@ def _bias_field(coords, amp: float, rng: np.random.Generator) -> np.ndarray:
     return 1.0 + amp * g
 
 
-def generate_case(shape: tuple, params: dict, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, dict]:
-    """One synthetic case. Returns (image float32, label uint8, info dict)."""
+def generate_case(shape: tuple, params: dict, rng: np.random.Generator,
+                  foreground: bool = True) -> tuple[np.ndarray, np.ndarray, dict]:
+    """One synthetic case. Returns (image float32, label uint8, info dict). ``foreground=False``: a case without
+    organ and tumour (background texture only, label all 0)."""
     dim = len(shape)
     fam = _FAMILY_PARAMS[params["family"]]
     coords = _grid(shape)
@@ -242,6 +263,10 @@ def generate_case(shape: tuple, params: dict, rng: np.random.Generator) -> tuple
             t_radius *= 0.8
         if tumour.sum() < 4:
             tumour[:] = False
+    if not foreground:  # a healthy control: nothing to segment
+        organ = np.zeros(shape, dtype=bool)
+        tumour = np.zeros(shape, dtype=bool)
+        label[:] = 0
     has_tumour = bool(tumour.any())
     label[tumour] = 2
 
@@ -251,7 +276,8 @@ def generate_case(shape: tuple, params: dict, rng: np.random.Generator) -> tuple
               + bg["coarse_texture"] * _smooth_noise(shape, max(shape) / 10.0, rng)
               + bg["fine_texture"] * _smooth_noise(shape, 1.0, rng))
     # small organ-like distractors in the background (not touching the organ)
-    out_norm = ndimage.distance_transform_edt(~organ, sampling=1.0 / half)
+    out_norm = ndimage.distance_transform_edt(~organ, sampling=1.0 / half) if organ.any() else \
+        np.full(shape, np.inf)
     for _ in range(int(rng.integers(0, 3))):
         r = radius * rng.uniform(0.12, 0.2)
         cand = np.flatnonzero((out_norm > r * 1.3 + 0.08).ravel())
@@ -269,7 +295,7 @@ def generate_case(shape: tuple, params: dict, rng: np.random.Generator) -> tuple
     if rim_pix > 0:
         rim = organ & (edt_pix <= rim_pix)
         tissue[rim] = fam["rim_intensity"] + fam["organ_texture"] * organ_tex[rim]
-    if has_tumour:
+    if has_tumour and foreground:
         t_tex = _smooth_noise(shape, fam["tumour_texture_sigma"], rng)
         t_int = fam["tumour_intensity"] + rng.uniform(-0.03, 0.03)
         tissue[tumour] = t_int + fam["tumour_texture"] * t_tex[tumour]
@@ -292,17 +318,79 @@ def _write(arr: np.ndarray, spacing_zyx, path: str) -> None:
     sitk.WriteImage(img, path, useCompression=True)
 
 
+def _write_png(arr: np.ndarray, path: str) -> None:
+    from skimage import io  # what nnU-Net's NaturalImage2DIO reads with
+
+    io.imsave(path, arr, check_contrast=False)
+
+
+def _to_rgb(image: np.ndarray, params: dict) -> np.ndarray:
+    """(H, W) scanner intensities -> (H, W, 3) uint8: the tissue value spread over three differently weighted
+    channels (the site's intensity scale and offset undone first, so that every site uses the 0..255 range)."""
+    tissue = (image - params["intensity_offset"]) / params["intensity_scale"]
+    v = np.clip(tissue, 0.0, 1.2) / 1.2
+    rgb = np.stack([v, 0.25 + 0.6 * v, 1.0 - 0.7 * v], axis=-1)
+    return np.round(np.clip(rgb, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def _second_channel(image: np.ndarray, params: dict, rng: np.random.Generator) -> np.ndarray:
+    """A second contrast ("T2") of the same anatomy: inverted tissue contrast plus its own noise."""
+    tissue = (image - params["intensity_offset"]) / params["intensity_scale"]
+    t2 = 1.2 - tissue + 0.03 * rng.standard_normal(image.shape)
+    return (t2 * 0.5 * params["intensity_scale"] + params["intensity_offset"]).astype(np.float32)
+
+
+def _layout_json(layout: str, modality: str) -> dict:
+    """The dataset.json entries that depend on the layout."""
+    if layout == "rgb-png":
+        return {"channel_names": {"0": "R", "1": "G", "2": "B"}, "labels": dict(LABELS), "file_ending": ".png",
+                "overwrite_image_reader_writer": "NaturalImage2DIO"}
+    if layout == "ignore-label":
+        return {"channel_names": {"0": modality}, "labels": {**LABELS, "ignore": IGNORE_LABEL},
+                "file_ending": ".nii.gz", "overwrite_image_reader_writer": "SimpleITKIO"}
+    if layout == "regions":
+        return {"channel_names": {"0": "T1", "1": "T2"}, "labels": json.loads(json.dumps(REGION_LABELS)),
+                "regions_class_order": [1, 2], "file_ending": ".nii.gz",
+                "overwrite_image_reader_writer": "SimpleITKIO"}
+    return {"channel_names": {"0": modality}, "labels": dict(LABELS), "file_ending": ".nii.gz",
+            "overwrite_image_reader_writer": "SimpleITKIO"}
+
+
+def _write_case(layout: str, image: np.ndarray, label: np.ndarray, params: dict, folder: str, img_dir: str,
+                lab_dir: str, identifier: str, training: bool, rng: np.random.Generator) -> None:
+    img_path = os.path.join(folder, img_dir, identifier)
+    lab_path = os.path.join(folder, lab_dir, identifier)
+    if layout == "rgb-png":
+        _write_png(_to_rgb(image, params), img_path + "_0000.png")
+        _write_png(label.astype(np.uint8), lab_path + ".png")
+        return
+    spacing = params["spacing_zyx"]
+    _write(image, spacing, img_path + "_0000.nii.gz")
+    if layout == "regions":
+        _write(_second_channel(image, params, rng), spacing, img_path + "_0001.nii.gz")
+    if layout == "ignore-label" and training:  # sparse annotation: the left quarter is not annotated
+        label = label.copy()
+        label[..., : max(1, label.shape[-1] // 4)] = IGNORE_LABEL
+    _write(label, spacing, lab_path + ".nii.gz")
+
+
 def make_federated_datasets(first_id: int = 101, num_sites: int = 3, scenario: str = "shift", dim: int = 2,
                             num_train: int = 40, num_test: int = 10, seed: int = 0,
                             image_size: tuple | None = None, modality: str = "MRI",
-                            raw_root: str | None = None, overwrite: bool = False) -> list[str]:
+                            raw_root: str | None = None, overwrite: bool = False, layout: str = "nifti") -> list[str]:
     """Write ``num_sites`` synthetic nnU-Net v2 raw datasets and return their folder names.
 
-    Site ``k`` gets dataset id ``first_id + k`` and folder ``Dataset{id:03d}_{Scenario}Site{k}`` under
-    ``raw_root`` (default: ``$nnUNet_raw``).
+    Site ``k`` gets dataset id ``first_id + k`` and folder ``Dataset{id:03d}_{Scenario}{Layout}Site{k}`` under
+    ``raw_root`` (default: ``$nnUNet_raw``); ``layout`` is one of ``LAYOUTS`` (module docstring), its tag is
+    empty for the default ``nifti``. Raises ``ValueError`` for a bad argument and ``FileExistsError`` for an
+    existing folder (unless ``overwrite``), before anything is written.
     """
     if scenario not in SCENARIOS:
         raise ValueError(f"Unknown scenario {scenario!r}; expected one of {SCENARIOS}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"Unknown layout {layout!r}; expected one of {LAYOUTS}")
+    if layout == "rgb-png" and dim != 2:
+        raise ValueError(f"layout 'rgb-png' is 2D only (nnU-Net's NaturalImage2DIO), got dim={dim}")
     if dim not in (2, 3):
         raise ValueError(f"dim must be 2 or 3, got {dim!r}")
     if int(num_sites) < 1:
@@ -328,7 +416,7 @@ def make_federated_datasets(first_id: int = 101, num_sites: int = 3, scenario: s
                                "Set nnUNet_raw (export nnUNet_raw=/path/to/nnUNet_raw) or pass raw_root=.")
     raw_root = str(raw_root)
 
-    names = [_scenario_folder_name(first_id + k, scenario, k) for k in range(num_sites)]
+    names = [_scenario_folder_name(first_id + k, scenario, k, layout) for k in range(num_sites)]
     existing = [n for n in names if os.path.exists(os.path.join(raw_root, n))]
     if existing and not overwrite:
         raise FileExistsError(f"Target dataset folder(s) already exist in {raw_root}: {', '.join(existing)} "
@@ -347,23 +435,21 @@ def make_federated_datasets(first_id: int = 101, num_sites: int = 3, scenario: s
                 ("test", "test", num_test, 1, "imagesTs", "labelsTs")):
             for i in range(n_cases):
                 rng = _rng(seed, k, split_key, i)
-                image, label, info = generate_case(shape, params, rng)
+                image, label, info = generate_case(shape, params, rng, foreground=layout != "no-foreground")
                 n_tumour[split] += int(info["has_tumour"])
-                _write(image, params["spacing_zyx"], os.path.join(folder, img_dir, f"{prefix}_{i:04d}_0000.nii.gz"))
-                _write(label, params["spacing_zyx"], os.path.join(folder, lab_dir, f"{prefix}_{i:04d}.nii.gz"))
+                _write_case(layout, image, label, params, folder, img_dir, lab_dir, f"{prefix}_{i:04d}",
+                            split == "train", rng)
 
         dataset_json = {
             "name": name,
             "description": f"Synthetic federated segmentation dataset (scenario={scenario}, site={k})",
             "reference": "nnunet_fed.data.synthetic",
             "licence": "CC0",
-            "channel_names": {"0": modality},
-            "labels": dict(LABELS),
+            **_layout_json(layout, modality),
             "numTraining": int(num_train),
-            "file_ending": ".nii.gz",
-            "overwrite_image_reader_writer": "SimpleITKIO",
             "synthetic": {
                 "scenario": scenario,
+                "layout": layout,
                 "site": k,
                 "num_sites": int(num_sites),
                 "seed": int(seed),

@@ -51,7 +51,10 @@ def cmd_server(args) -> int:
     trainer_cls = site_checks.find_trainer(args.trainer)
     options = _option_dict(args.option)
     trainer_cls.resolve_options(options)
-    run = RunSettings(trainer=args.trainer, configuration=args.configuration, plans=args.plans, fold=str(args.fold),
+    from nnunet_fed.cli import parse_fold
+
+    run = RunSettings(trainer=args.trainer, configuration=args.configuration, plans=args.plans,
+                      fold=str(parse_fold(args.fold)),
                       rounds=args.rounds, local_steps=args.local_steps, val_steps=args.val_steps,
                       fedprox_mu=args.fedprox_mu, trainer_options=options, seed=args.seed,
                       federation_name=args.federation_name, min_sites=args.min_sites,
@@ -102,9 +105,9 @@ def cmd_server(args) -> int:
         launch.wait_for_port(args.host, port, 120, superlink)
         if args.auth_supernode_keys:
             launch.register_supernode_keys(flwr_home, [os.path.abspath(k) for k in args.auth_supernode_keys])
-        print(f"SuperLink listening on {args.host}:{port} (log: {superlink.log_path}); sites join with:\n"
-              f"  nnunet_fed site join --superlink <this host>:{port} -d <dataset> -c {run.configuration} "
-              f"-tr {run.trainer}{' --insecure' if tls.insecure else ' --root-certificates <ca.pem>'}", flush=True)
+        join = site_join_command(port, run.configuration, run.trainer, run.plans, tls.insecure)
+        print(f"SuperLink listening on {args.host}:{port} (log: {superlink.log_path}); sites join with:\n  {join}",
+              flush=True)
         run_id = launch.submit_run(flwr_home, run_config)
         print(f"run {run_id}: {run.rounds} round(s), min-sites {run.min_sites}, federation {run.federation_name}",
               flush=True)
@@ -125,12 +128,24 @@ def cmd_server(args) -> int:
               f"{os.path.join(fold_dir, 'federation_server.log')} and {superlink.log_path}", file=sys.stderr)
         return 1
     if not os.path.isfile(ckpt):  # personalised trainer: every site holds its own model
-        print(f"federation records: {fold_dir}; each site predicts with its own model (nnUNetv2_predict -d <site>)")
+        from nnunet_fed.federation.commands import predict_command
+
+        print(f"federation records: {fold_dir}; each site predicts with its own model: "
+              f"{predict_command('<site>', run.trainer, run.plans, run.configuration, run.fold)}")
         return 0
+    from nnunet_fed.federation.commands import predict_command
+
     print(f"global model: {os.path.dirname(fold_dir)}")
-    print(f"predict with: nnUNetv2_predict -d {run.federation_name} -tr {run.trainer} -p {run.plans} "
-          f"-c {run.configuration} -f {run.fold} -i <images> -o <output>")
+    print(f"predict with: {predict_command(run.federation_name, run.trainer, run.plans, run.configuration, run.fold)}")
     return 0
+
+
+def site_join_command(port: int, configuration: str, trainer: str, plans: str, insecure: bool) -> str:
+    """The ``nnunet_fed site join`` a site runs to join this server (``<this host>``, ``<dataset>`` and
+    ``<ca.pem>`` are for the site to fill in); its plans, configuration and trainer are the server's."""
+    tls = "--insecure" if insecure else "--root-certificates <ca.pem>"
+    return (f"nnunet_fed site join --superlink <this host>:{port} -d <dataset> -c {configuration} -tr {trainer} "
+            f"-p {plans} {tls}")
 
 
 def cmd_site_join(args) -> int:
@@ -138,8 +153,13 @@ def cmd_site_join(args) -> int:
 
     site_checks.require_nnunet_paths()
     name = site_checks.dataset_name(args.dataset)
-    site_checks.check_preprocessed(name, args.plans, args.configuration)
+    plans = site_checks.check_preprocessed(name, args.plans, args.configuration)
     site_checks.find_trainer(args.trainer)  # also puts the nnunet_fed trainers on nnUNet_extTrainer
+    from nnunet_fed.site_data import verify_preprocessed_labels
+
+    dataset_json = site_checks.read_json(os.path.join(os.environ["nnUNet_preprocessed"], name, "dataset.json"),
+                                         f"site {name}: dataset.json")
+    verify_preprocessed_labels(name, plans, args.configuration, dataset_json)  # every case's label values
     tls = launch.TLS(insecure=args.insecure, ca_certfile=args.root_certificates)
     try:
         tls.check("site")

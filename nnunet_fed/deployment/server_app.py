@@ -111,12 +111,38 @@ class FederationServer:
                 self.log(f"node {node} cannot take part: {reply.error.reason}")
                 continue
             site = str(reply.content[msgs.SITE]["name"])
+            cfg = reply.content[msgs.CONFIG]
+            plans, dataset_json = json.loads(cfg["plans"]), json.loads(cfg["dataset_json"])
+            why = self.mismatch(site, plans, dataset_json)
+            if why is not None:
+                self.refused[node] = why
+                self.log(f"node {node} cannot take part: {why}")
+                continue
             self.node_sites.pop(node, None)
             self.node_sites[node] = site  # newest last: it replaces an earlier node of the same site
             self.log(f"site {site} joined (node {node})")
             if self.template is None:
-                cfg = reply.content[msgs.CONFIG]
-                self.template = self.build_template(json.loads(cfg["plans"]), json.loads(cfg["dataset_json"]))
+                self.reference = (site, plans, dataset_json)
+                self.template = self.build_template(plans, dataset_json)
+
+    def mismatch(self, site: str, plans: dict, dataset_json: dict) -> str | None:
+        """Why a site cannot join the sites already there (``None`` if it can): another task (channel names, labels
+        in nnU-Net's terms, file ending) or plans that differ where training and prediction depend on them."""
+        ref = getattr(self, "reference", None)
+        if ref is None or ref[0] == site:
+            return None
+        ref_site, ref_plans, ref_dataset_json = ref
+        diff = site_checks.dataset_json_difference(dataset_json, ref_dataset_json)
+        if diff is not None:
+            return f"site {site}: {diff[0]} differ from site {ref_site}: {diff[1]}"
+        try:
+            plans_diff = site_checks.plans_difference(plans, ref_plans, self.run.configuration)
+        except (KeyError, RuntimeError, ValueError) as e:
+            return f"site {site}: its plans cannot be compared with site {ref_site}'s ({e})"
+        if plans_diff is not None:
+            return site_checks.plans_difference_message(site, ref_site, plans_diff, self.run.plans,
+                                                        self.run.configuration)
+        return None
 
     def active_nodes(self) -> list[int]:
         """One node per site (the newest), among the SuperNodes connected now."""

@@ -250,19 +250,43 @@ def _make_trainer(cfg: SimulationConfig, site_name: str, trainer_cls, device: to
     return trainer
 
 
+def check_schedule(cfg: SimulationConfig) -> None:
+    """The schedule and fold, named as the command's arguments; ``FederationSetupError`` before anything is written."""
+    for arg, value in (("--rounds", cfg.rounds), ("--local-steps", cfg.local_steps), ("--val-steps", cfg.val_steps)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise site_checks.FederationSetupError(f"{arg} must be a whole number of at least 1, got {value!r}")
+    if not (np.isfinite(cfg.fedprox_mu) and cfg.fedprox_mu >= 0):
+        raise site_checks.FederationSetupError(f"--fedprox-mu must be a number >= 0 (0: plain FedAvg), got "
+                                               f"{cfg.fedprox_mu!r}")
+    if not (cfg.fold == "all" or (isinstance(cfg.fold, (int, np.integer)) and not isinstance(cfg.fold, bool)
+                                  and cfg.fold >= 0)):
+        raise site_checks.FederationSetupError(f"-f/--fold must be a fold number (0-4 with nnU-Net's 5-fold split) "
+                                               f"or 'all', got {cfg.fold!r}")
+    if cfg.federation_name is not None and not cfg.federation_name.startswith("Dataset"):
+        raise site_checks.FederationSetupError(
+            f"federation name {cfg.federation_name!r} must start with 'Dataset' (nnUNetv2_predict -d finds it so)")
+
+
 def prepare(cfg: SimulationConfig):
-    """All checks that can fail before anything is written: environment, IDs, datasets, plans, trainer."""
+    """All checks that can fail before anything is written: environment, schedule, IDs, datasets (labels of every
+    preprocessed case), plans (the same network and preprocessing at every site), each site's split, trainer."""
+    from nnunet_fed.site_data import verify_preprocessed_labels
+
     site_checks.require_nnunet_paths()
+    check_schedule(cfg)
     trainer_cls = site_checks.find_trainer(cfg.trainer)
     trainer_cls.resolve_options(cfg.trainer_options)  # unknown or malformed options fail here
     names = [site_checks.dataset_name(d) for d in cfg.dataset_ids]
     site_checks.check_sites_compatible(names, source="preprocessed")
     for n in names:
-        site_checks.check_preprocessed(n, cfg.plans_identifier, cfg.configuration)
-        plans = load_json(os.path.join(os.environ["nnUNet_preprocessed"], n, cfg.plans_identifier + ".json"))
+        plans = site_checks.check_preprocessed(n, cfg.plans_identifier, cfg.configuration)
         trainer_cls.check_site_setup(n, plans, cfg.trainer_options)
+        dataset_json = load_json(os.path.join(os.environ["nnUNet_preprocessed"], n, "dataset.json"))
+        verify_preprocessed_labels(n, plans, cfg.configuration, dataset_json)
+        trainer_cls.check_site_split(n, plans, cfg.configuration, cfg.fold)
     cfg.site_names = names
     check_same_network(cfg, trainer_cls)
+    check_same_preprocessing(cfg)
     if cfg.federation_name is None:
         cfg.federation_name = default_federation_name(names)
     if not cfg.federation_name.startswith("Dataset"):
@@ -302,6 +326,21 @@ def check_same_network(cfg: SimulationConfig, trainer_cls) -> None:
                 raise site_checks.FederationSetupError(
                     f"site {name}: parameter {k} has shape {shape}, site {names[0]} has {ref[k]}; the sites' plans "
                     f"give different networks: plan them together (nnunet_fed plan / --federated-planning)")
+
+
+def check_same_preprocessing(cfg: SimulationConfig) -> None:
+    """Every site's plans must agree where training and prediction depend on them (``sites.plans_difference``):
+    the global model's plans are the first site's, so prediction resamples and normalises every site's images
+    like that site's."""
+    names = cfg.site_names
+    base = os.environ["nnUNet_preprocessed"]
+    ref = load_json(os.path.join(base, names[0], cfg.plans_identifier + ".json"))
+    for name in names[1:]:
+        plans = load_json(os.path.join(base, name, cfg.plans_identifier + ".json"))
+        diff = site_checks.plans_difference(plans, ref, cfg.configuration)
+        if diff is not None:
+            raise site_checks.FederationSetupError(site_checks.plans_difference_message(
+                name, names[0], diff, cfg.plans_identifier, cfg.configuration))
 
 
 def start_augmentation_pool(trainers: Sequence[nnUNetTrainerFederated], seed: int) -> AugmentationPool | None:

@@ -36,6 +36,8 @@ ENV_PREFIX = "nnUNet_fed_"
 #: in a round state file: what the site sent for that round (a repeated round re-sends it; see the ClientApp)
 RELEASED_UPDATE_KEY = "released_update"
 SCHEDULE_SETTINGS = ("rounds", "local_steps", "val_steps", "fedprox_mu")
+#: nnU-Net's automatic split is a 5-fold cross-validation: a site with fewer cases trains on all of them
+MIN_CASES_FOR_CROSS_VALIDATION = 5
 
 
 def environment_setting(name: str, default, environ: Mapping | None = None, owner: str = "nnunet_fed"):
@@ -137,6 +139,12 @@ class nnUNetTrainerFederated(nnUNetTrainer):
         raise an error naming the site and the problem. The base trainer accepts every plan."""
 
     @classmethod
+    def check_site_split(cls, site_name: str, plans: dict, configuration: str, fold) -> None:
+        """Before anything is written: the site's split for ``fold`` can be made (raise an error naming the site
+        otherwise). nnU-Net's split always can: a site with fewer than ``MIN_CASES_FOR_CROSS_VALIDATION`` cases
+        trains on all of them (``do_split``)."""
+
+    @classmethod
     def make_server_strategy(cls, options: Mapping | None = None):
         """The server-side aggregation for this trainer (simulation and Flower ServerApp alike)."""
         from nnunet_fed.federation.aggregation import make_strategy
@@ -227,6 +235,26 @@ class nnUNetTrainerFederated(nnUNetTrainer):
             self.__dict__.pop("get_dataloaders", None)
         tr_keys, _ = self.do_split()
         self.num_training_cases = len(tr_keys)
+
+    def do_split(self):
+        """nnU-Net's split, except at a site with fewer cases than nnU-Net's 5-fold split needs (and no
+        ``splits_final.json`` of its own): nnU-Net would stop ("Cannot have number of splits n_splits=5 greater
+        than the number of samples"); here such a site trains on all its cases and validates on them, as nnU-Net
+        does for fold 'all'."""
+        if self.fold != "all" and not os.path.isfile(os.path.join(self.preprocessed_dataset_folder_base,
+                                                                  "splits_final.json")):
+            if self.dataset_class is None:
+                from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+                self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+            cases = sorted(self.dataset_class.get_identifiers(self.preprocessed_dataset_folder))
+            if len(cases) < MIN_CASES_FOR_CROSS_VALIDATION:
+                self.print_to_log_file(
+                    f"site {self.site_name}: {len(cases)} training cases, fewer than the "
+                    f"{MIN_CASES_FOR_CROSS_VALIDATION} nnU-Net's 5-fold split needs: it trains on all of them and "
+                    f"validates on them, as fold 'all' does")
+                return cases, cases
+        return super().do_split()
 
     def build_data_loaders(self) -> tuple:
         """This trainer's nnU-Net data loaders (train, val), transforms included, with no worker processes:

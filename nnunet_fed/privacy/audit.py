@@ -600,13 +600,13 @@ def add_audit_command(sub) -> None:
 
 
 def _cmd_audit(args) -> int:
-    from nnunet_fed.cli import parse_options
+    from nnunet_fed.cli import parse_fold, parse_options
 
     from nnunet_fed.federation.simulation import SimulationConfig
 
     training = SimulationConfig(dataset_ids=list(args.datasets), configuration=args.configuration,
                                 trainer=args.trainer, plans_identifier=args.plans,
-                                fold=args.fold if args.fold == "all" else int(args.fold), rounds=args.rounds,
+                                fold=parse_fold(args.fold), rounds=args.rounds,
                                 local_steps=args.local_steps, val_steps=1, device=args.device,
                                 trainer_options=parse_options(args.option), progress=not args.no_progress)
     cfg = AuditConfig(training=training, num_canaries=args.canaries, num_guesses=args.guesses,

@@ -255,29 +255,56 @@ class nnUNetTrainerDPBase(nnUNetTrainerFederated):
     def fedavg_weight(self) -> int:
         return max(1, int(round(self.dp_noisy_num_cases)))
 
+    @staticmethod
+    def per_case_split(site_name: str, preprocessed_dataset_folder_base: str, data_folder: str, fold):
+        """``(training, validation)`` of ``fold`` by ``hash_split``, or ``None`` where nnU-Net's own split applies
+        (fold 'all', or a ``splits_final.json`` that differs from nnU-Net's automatic split: yours). The training
+        cases never depend on how many cases the site has (a site too small for nnU-Net's 5-fold split is split
+        the same way). A fold with no validation case validates on its training cases (as fold 'all' does:
+        validation stays at the site); a fold with no training case raises ``FederationSetupError``."""
+        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+        from nnunet_fed.sites import FederationSetupError
+
+        if fold == "all":
+            return None
+        cases = sorted(infer_dataset_class(data_folder).get_identifiers(data_folder))
+        splits_file = os.path.join(preprocessed_dataset_folder_base, "splits_final.json")
+        if os.path.isfile(splits_file) and load_json(splits_file) != generate_crossval_split(cases, 12345, 5):
+            return None
+        if not 0 <= int(fold) < 5:
+            raise FederationSetupError(f"site {site_name}: fold {fold} is not one of 0-4 or 'all'")
+        tr, val = hash_split(cases, int(fold))
+        if not tr:
+            raise FederationSetupError(
+                f"site {site_name}: fold {fold} of the per-case split has no training case (all its {len(cases)} "
+                f"cases hash to validation fold {fold}); use another fold, -f all, or a splits_final.json")
+        return tr, (val or list(tr))
+
+    @classmethod
+    def check_site_split(cls, site_name: str, plans: dict, configuration: str, fold) -> None:
+        base = os.path.join(os.environ["nnUNet_preprocessed"], site_name)
+        data_id = plans["configurations"][configuration].get("data_identifier")
+        if data_id and os.path.isdir(os.path.join(base, data_id)):
+            cls.per_case_split(site_name, base, os.path.join(base, data_id), fold)
+
     def do_split(self):
         """nnU-Net's split, except that its automatic 5-fold split (seeded KFold over the sorted cases, where one
-        case more moves others between training and validation) is replaced by ``hash_split``. A splits file
-        that differs from nnU-Net's automatic split is yours and is used as it is (assign each case by
-        something of its own, e.g. the patient)."""
-        if self.fold == "all":
-            return super().do_split()
+        case more moves others between training and validation) is replaced by ``hash_split``
+        (``per_case_split``). A splits file that differs from nnU-Net's automatic split is yours and is used as it
+        is (assign each case by something of its own, e.g. the patient)."""
         if self.dataset_class is None:
             from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
             self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
-        cases = sorted(self.dataset_class.get_identifiers(self.preprocessed_dataset_folder))
-        splits_file = os.path.join(self.preprocessed_dataset_folder_base, "splits_final.json")
-        if os.path.isfile(splits_file) and load_json(splits_file) != generate_crossval_split(cases, 12345, 5):
+        split = self.per_case_split(self.site_name, self.preprocessed_dataset_folder_base,
+                                    self.preprocessed_dataset_folder, self.fold)
+        if split is None:
             return super().do_split()
-        if not 0 <= int(self.fold) < 5:
-            raise ValueError(f"site {self.site_name}: fold {self.fold} is not one of 0-4 or 'all'")
-        tr, val = hash_split(cases, int(self.fold))
-        if not tr or not val:
-            raise ValueError(f"site {self.site_name}: fold {self.fold} of the per-case split has {len(tr)} training "
-                             f"and {len(val)} validation cases; use another fold, -f all, or a splits_final.json")
+        tr, val = split
+        same = " (no case in its validation fold: it validates on its training cases)" if val == tr else ""
         self.print_to_log_file(f"per-case split (hash of each case's identifier): fold {self.fold} has {len(tr)} "
-                               f"training and {len(val)} validation cases")
+                               f"training and {len(val)} validation cases{same}")
         return tr, val
 
     def get_dataloaders(self):
