@@ -33,8 +33,9 @@ one mask to the other mask's boundary, both directions pooled; scipy Euclidean d
 image spacing). Both empty: left out; one empty: the image diagonal in mm. Table: per site, the mean over
 labels and test cases, then mean +- standard deviation over seeds.
 
-The FedAvg global model is scored at each site with that site's own plans (preprocessing); the federation
-folder's plans are site 0's.
+Every site is preprocessed with site 0's nnU-Net plans (moved to the other sites, as a federation needs one
+target spacing and normalisation); the FedAvg global model is scored at each site with the plans in that site's
+folder.
 """
 from __future__ import annotations
 

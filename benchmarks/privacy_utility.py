@@ -10,9 +10,10 @@ site's imagesTs with nnU-Net's predictor and nnU-Net's evaluation scores them ag
     python3 benchmarks/privacy_utility.py --workdir B --methods nnUNetTrainerFedADP &   # in parallel, then
     python3 benchmarks/privacy_utility.py --report A B                                   # one table
 
-The sites are planned by nnU-Net on their own data and the DP trainers are told the plans are public
-(``public_plans``): the epsilon in the table covers each site's noisy case count and its training steps, not the
-planning (with ``--federated-planning --dp-epsilon`` it would cover that too).
+nnU-Net plans site 0 and its plans are moved to the other sites (one target spacing and normalisation, as a
+federation needs); the DP trainers are told the plans are public (``public_plans``): the epsilon in the table
+covers each site's noisy case count and its training steps, not the planning (with ``--federated-planning
+--dp-epsilon`` it would cover that too).
 
 Every finished run is appended to ``<workdir>/runs.jsonl`` and kept: the same command run again trains only the
 runs that have not finished (an interrupted one, or more ``--seeds``), unless ``--rerun``. The table is built
@@ -103,8 +104,8 @@ def main(argv=None) -> int:
     for label, trainer, kind in methods:
         for eps in ([None] if kind is None else args.epsilons):
             for seed in range(args.seeds):
-                # every site is planned by nnU-Net on its own data: the plans are declared public, as in every
-                # row of the table, so the epsilon covers the case count and the training (not the planning)
+                # nnU-Net's plans of site 0 (moved to every site) are declared public, as in every row of the
+                # table, so the epsilon covers the case count and the training (not the planning)
                 options = {} if eps is None else {"target_epsilon": str(eps), "target_delta": str(args.delta),
                                                   "expected_batch_size": str(args.expected_batch_size),
                                                   "public_plans": "true", **parse_options(args.option)}

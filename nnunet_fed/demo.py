@@ -70,7 +70,7 @@ def run_demo(workdir: str = "nnunet_fed_demo", rounds: int | None = None, local_
     print(f"[1/5] writing {DEMO_SITES} synthetic sites (2D, scenario 'shift', {num_train} training cases each)")
     names = make_federated_datasets(first_id=FIRST_ID, num_sites=DEMO_SITES, scenario="shift", dim=2,
                                     num_train=num_train, num_test=DEFAULTS["num_test"], seed=seed, overwrite=True)
-    print("[2/5] nnU-Net planning and preprocessing of every site")
+    print("[2/5] nnU-Net planning (site 0's plans, moved to the other sites) and preprocessing of every site")
     plan_and_preprocess_sites([FIRST_ID + k for k in range(DEMO_SITES)], configurations=("2d",))
 
     print(f"[3/5] FedAvg: {rounds} rounds x {local_steps} local steps per site, device {device}")

@@ -1,6 +1,4 @@
 """Shared fixtures: tiny synthetic sites, planned and preprocessed once per test session with nnU-Net."""
-import contextlib
-import io
 import os
 import subprocess
 import sys
@@ -36,22 +34,9 @@ def planned_sites(tmp_path_factory):
     names = make_federated_datasets(first_id=FIRST_ID, num_sites=NUM_SITES, scenario="shift", dim=2, num_train=12,
                                     num_test=3, seed=0, image_size=(32, 32))
     ids = [str(FIRST_ID + k) for k in range(NUM_SITES)]
-    # what nnUNetv2_extract_fingerprint --verify_dataset_integrity, nnUNetv2_plan_experiment,
-    # nnUNetv2_move_plans_between_datasets and nnUNetv2_preprocess run, in this process
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments, \
-        preprocess
-    from nnunetv2.experiment_planning.plans_for_pretraining.move_plans_between_datasets import \
-        move_plans_between_datasets
+    from nnunet_fed.planning import plan_and_preprocess_sites
 
-    numbers = [int(i) for i in ids]
-    with contextlib.redirect_stdout(io.StringIO()):
-        extract_fingerprints(numbers, num_processes=2, check_dataset_integrity=True, clean=True, verbose=False,
-                             show_progress_bar=False)
-        plan_experiments(numbers)  # (also copies each site's dataset.json)
-        for i in numbers[1:]:
-            move_plans_between_datasets(numbers[0], i, "nnUNetPlans", "nnUNetPlans")
-        preprocess(numbers, "nnUNetPlans", configurations=("2d",), num_processes=[2], verbose=False,
-                   show_progress_bar=False)
+    plan_and_preprocess_sites(ids, configurations=("2d",), num_processes=2)
     return {"root": root, "env": env, "names": names, "ids": [str(FIRST_ID + k) for k in range(NUM_SITES)]}
 
 

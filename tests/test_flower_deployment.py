@@ -129,43 +129,6 @@ def _committed_rounds(fold):
     return state["completed_rounds"] if state else 0
 
 
-def test_two_rounds_on_flower_then_nnunet_predict(site_env, federation, tmp_path):
-    fed = federation
-    fed.server(2, "--min-sites", "2", "--round-timeout", "300")
-    for d in site_env["ids"][:2]:
-        fed.join(d)
-    fed.wait_server()
-    out = fed.log("server")
-    assert f"nnUNetv2_predict -d {FED}" in out
-
-    rows = fed.metrics()
-    sites = set(site_env["names"][:2])
-    assert [r["round"] for r in rows] == [0, 1]
-    for r in rows:
-        assert set(r["sites"]) == sites and r["rejected"] == [] and r["failed"] == []
-        for m in r["sites"].values():
-            assert m["local_steps"] == 2 and m["num_examples"] > 0 and np.isfinite(m["train_loss"])
-            assert m["setup_seconds"] >= 0 and m["process_seconds"] > 0  # cost of a fresh trainer per round
-    assert _committed_rounds(fed.fold) == 2
-
-    # the global model in nnU-Net's layout; FedAvg: every site ends with the global parameters
-    ckpt = os.path.join(fed.fold, "checkpoint_final.pth")
-    gw = _weights(ckpt)
-    for name in sites:
-        sw = _weights(os.path.join(_site_fold(site_env, name), "checkpoint_final.pth"))
-        assert sw.keys() == gw.keys()
-        for k in gw:
-            assert torch.equal(sw[k], gw[k]), k
-
-    raw = os.path.join(site_env["env"]["nnUNet_raw"], site_env["names"][0])
-    pred = str(tmp_path / "pred")
-    penv = {**site_env["env"], "nnUNet_extTrainer": run_cli(nnunet_fed_cmd() + ["trainer-path"],
-                                                              site_env["env"]).stdout.strip()}
-    run_cli(["nnUNetv2_predict", "-i", os.path.join(raw, "imagesTs"), "-o", pred, "-d", FED, "-tr", TRAINER,
-             "-c", "2d", "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"], penv)
-    assert len([f for f in os.listdir(pred) if f.endswith(".nii.gz")]) == len(os.listdir(os.path.join(raw, "imagesTs")))
-
-
 def test_site_killed_mid_round_then_rejoins(site_env, federation):
     """Three sites, --min-sites 2: one SuperNode is killed (SIGKILL) while the first round trains; the round
     completes with the other two; the site rejoins and takes part in the next round."""
@@ -197,7 +160,10 @@ def test_site_killed_mid_round_then_rejoins(site_env, federation):
     assert len(ck["logging"]["lrs"]) == 2  # the missed round is filled in; the LR schedule follows the federation
 
 
-def test_server_killed_and_restarted_resumes(site_env, federation):
+def test_server_killed_and_restarted_resumes_then_nnunet_predict(site_env, federation, tmp_path):
+    """Two sites, two rounds on Flower; the server (SuperLink, ServerApp) is killed during round 2 and started
+    again: it resumes after the committed round, every round trains exactly once at each site, every site ends
+    with the global parameters (FedAvg), and nnUNetv2_predict runs on the global model in nnU-Net's layout."""
     fed = federation
     args = ("--min-sites", "2", "--round-timeout", "300")
     fed.server(2, *args)
@@ -217,15 +183,38 @@ def test_server_killed_and_restarted_resumes(site_env, federation):
         time.sleep(0.5)
     assert f"resuming after round {committed['completed_rounds']}" in fed.server_log()
     fed.wait_server("server2")
+    assert f"nnUNetv2_predict -d {FED}" in fed.log("server2")
 
     rows = fed.metrics()
+    sites = set(site_env["names"][:2])
     assert [r["round"] for r in rows] == [0, 1]
+    for r in rows:
+        assert set(r["sites"]) == sites and r["rejected"] == [] and r["failed"] == []
+        for m in r["sites"].values():
+            assert m["local_steps"] == 2 and m["num_examples"] > 0 and np.isfinite(m["train_loss"])
+            assert m["setup_seconds"] >= 0 and m["process_seconds"] > 0  # cost of a fresh trainer per round
     assert _committed_rounds(fed.fold) == 2
     assert os.path.isfile(os.path.join(fed.fold, "checkpoint_final.pth"))
-    for name in site_env["names"][:2]:
+    for name in sites:
         ck = torch.load(os.path.join(_site_fold(site_env, name), "checkpoint_final.pth"), map_location="cpu",
                         weights_only=False)
         assert len(ck["logging"]["train_losses"]) == 2, name  # every round trained exactly once at each site
+
+    # the global model in nnU-Net's layout; FedAvg: every site ends with the global parameters
+    gw = _weights(os.path.join(fed.fold, "checkpoint_final.pth"))
+    for name in sites:
+        sw = _weights(os.path.join(_site_fold(site_env, name), "checkpoint_final.pth"))
+        assert sw.keys() == gw.keys()
+        for k in gw:
+            assert torch.equal(sw[k], gw[k]), k
+
+    raw = os.path.join(site_env["env"]["nnUNet_raw"], site_env["names"][0])
+    pred = str(tmp_path / "pred")
+    penv = {**site_env["env"], "nnUNet_extTrainer": run_cli(nnunet_fed_cmd() + ["trainer-path"],
+                                                              site_env["env"]).stdout.strip()}
+    run_cli(["nnUNetv2_predict", "-i", os.path.join(raw, "imagesTs"), "-o", pred, "-d", FED, "-tr", TRAINER,
+             "-c", "2d", "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"], penv)
+    assert len([f for f in os.listdir(pred) if f.endswith(".nii.gz")]) == len(os.listdir(os.path.join(raw, "imagesTs")))
 
 
 # ---------------------------------------------------------------------------- what a site sends

@@ -228,9 +228,10 @@ def test_dp_trainers_refuse_exact_plans_before_writing_anything(site_env):
 def test_dp_federated_planning_counts_in_the_total_and_releases_no_exact_plan_value(site_env):
     """Round 0 plans from DP summaries: the plans the server gets and the global model folder hold no site's
     exact fingerprint value, and the planning epsilon is part of every total (reproduced by dp_accounting).
-    (The test sites have 12 cases each, so the summaries need a large epsilon to survive their noise.)"""
+    (The test sites have 12 cases each, so the summaries need a large epsilon to survive their noise: at 100 a
+    site's intensity sketch was empty after thresholding 69-95 % of the time, at 200 in none of 300 draws.)"""
     env = {**site_env["env"], "nnUNet_n_proc_DA": "0"}
-    eps_plan, target = 100.0, 150.0
+    eps_plan, target = 300.0, 400.0
     run_cli(nnunet_fed_cmd() + ["simulate", "-d", *site_env["ids"], "-c", "2d", "-tr", "nnUNetTrainerFedDP",
                                 "--rounds", "1", "--local-steps", "2", "--val-steps", "1", "--device", "cpu",
                                 "--no-val", "--no-progress", "--federated-planning", "--dp-epsilon", str(eps_plan),
@@ -254,9 +255,9 @@ def test_dp_federated_planning_counts_in_the_total_and_releases_no_exact_plan_va
         assert ["laplace", pytest.approx(1 / eps_plan), 1.0, 1] in rep["events"]
         assert eps_plan < rep["epsilon"] <= target
         assert rep["epsilon"] == pytest.approx(dp_accounting_epsilon(rep), rel=0.01)
-        proc = run_cli(nnunet_fed_cmd() + ["privacy-report", fold], env)
-        assert "[planning]" in proc.stdout and "independent check (dp_accounting RDP)" in proc.stdout
-        assert os.path.getsize(os.path.join(fold, "privacy_report.png")) > 1000
+    proc = run_cli(nnunet_fed_cmd() + ["privacy-report", fold], env)  # (the last site's)
+    assert "[planning]" in proc.stdout and "independent check (dp_accounting RDP)" in proc.stdout
+    assert os.path.getsize(os.path.join(fold, "privacy_report.png")) > 1000
 
 
 # ---------------------------------------------------------------------- 4. float32 norms

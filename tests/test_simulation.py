@@ -232,17 +232,3 @@ def test_plain_nnunetv2_train_single_site(site_env):
     fold = os.path.join(site_env["results"], site_env["names"][0], "nnUNetTrainerFedAvg__nnUNetPlans__2d", "fold_0")
     assert os.path.isfile(os.path.join(fold, "checkpoint_final.pth"))
     assert os.path.isfile(os.path.join(fold, "validation", "summary.json"))
-
-
-def test_simulate_with_federated_planning(site_env):
-    """Round 0 plans the sites together (aggregate summaries only), then trains with nnUNetFedPlans."""
-    env = site_env["env"]
-    proc = run_cli(sim_args(site_env, 1, 2, "--federated-planning", "--no-val", "--federation-name",
-                            "DatasetFed_planned"), env)
-    assert "-p nnUNetFedPlans" in proc.stdout
-    model = os.path.join(site_env["results"], "DatasetFed_planned", "nnUNetTrainerFedAvg__nnUNetFedPlans__2d")
-    assert os.path.isfile(os.path.join(model, "fold_0", "checkpoint_final.pth"))
-    with open(os.path.join(model, "plans.json")) as f:
-        assert json.load(f)["plans_name"] == "nnUNetFedPlans"
-    for name in site_env["names"]:
-        assert os.path.isfile(os.path.join(env["nnUNet_preprocessed"], name, "nnUNetFedPlans.json"))

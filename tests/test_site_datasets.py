@@ -378,60 +378,76 @@ FEDERATIONS = {  # layout of the federation -> (layouts of its sites, training c
     "rgb-png": (("rgb-png", 4), ("rgb-png", 4)),
     "ignore-label": (("ignore-label", 4), ("ignore-label", 4)),
     "regions": (("regions", 4), ("regions", 4)),
-    "no-foreground": (("nifti", 4), ("no-foreground", 4)),
-    "tiny": (("nifti", 5), ("nifti", 3)),
+    # a site of 5 cases, a tiny site (3: too few for nnU-Net's 5-fold split) and a site without foreground
+    "tiny-no-foreground": (("nifti", 5), ("nifti", 3), ("no-foreground", 4)),
 }
 TRAINERS = {
     "nnUNetTrainerFedAvg": [],
-    "nnUNetTrainerFedADP": ["-o", "public_plans=true", "-o", "target_epsilon=8", "-o", "expected_batch_size=2"],
+    # only target_epsilon (5): the default expected batch (nnU-Net's batch size) exceeds these sites' case counts
+    "nnUNetTrainerFedADP": ["-o", "public_plans=true", "-o", "target_epsilon=8"],
     "nnUNetTrainerFedOAP": ["-o", "finetune_steps=1"],
 }
 
 
-@pytest.fixture(scope="module", params=list(FEDERATIONS))
-def federation(request, tmp_path_factory):
+# Each federation with one or two trainers (FedAvg and FedADP on two, FedOAP on one); the tiny and foreground-free
+# sites train twice, the second time on the federated plans of the first. (Planning, one round and prediction take
+# 45-95 s per federation on two CPU cores: every layout x trainer pair would take the test suite past its time.)
+LAYOUT_TRAINERS = [("tiny-no-foreground", ("nnUNetTrainerFedAvg", "nnUNetTrainerFedADP")),
+                   ("rgb-png", ("nnUNetTrainerFedAvg",)), ("regions", ("nnUNetTrainerFedADP",)),
+                   ("ignore-label", ("nnUNetTrainerFedOAP",))]
+
+
+def make_layout_sites(layout, root, mp) -> dict:
     """Raw sites of one layout, made with ``nnunet_fed make-data``, in their own nnU-Net folders."""
-    layout = request.param
-    root = tmp_path_factory.mktemp(f"fed_{layout}")
-    with pytest.MonkeyPatch.context() as mp:
-        paths = _nnunet_env(root, mp)
-        ids = []
-        for k, (site_layout, n) in enumerate(FEDERATIONS[layout]):
-            i = 701 + k
-            assert main(["make-data", "--layout", site_layout, "--sites", "1", "--first-id", str(i), "--num-train",
-                         str(n), "--num-test", "1", "--seed", str(k)]) == 0
-            ids.append(str(i))
-    return {"layout": layout, "paths": paths, "ids": ids, "root": str(root)}
+    paths = _nnunet_env(root, mp)
+    ids = []
+    for k, (site_layout, n) in enumerate(FEDERATIONS[layout]):
+        i = 701 + k
+        assert main(["make-data", "--layout", site_layout, "--sites", "1", "--first-id", str(i), "--num-train",
+                     str(n), "--num-test", "1", "--seed", str(k)]) == 0
+        ids.append(str(i))
+    return {"layout": layout, "paths": paths, "ids": ids}
 
 
-@pytest.mark.parametrize("trainer", list(TRAINERS))
-def test_make_data_layouts_federate_and_predict(federation, trainer, capsys, monkeypatch, tmp_path):
-    """Each layout plans together, trains one short round with FedAvg, FedADP and FedOAP, and predicts held-out
-    images with the ``nnUNetv2_predict`` command ``simulate`` printed, as printed (no nnUNet_extTrainer set).
-    The second and third trainer reuse the federated plans instead of planning again."""
-    for var, p in federation["paths"].items():
-        monkeypatch.setenv(var, p)
-    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
-    monkeypatch.delenv("nnUNet_extTrainer", raising=False)
+@pytest.mark.parametrize("layout, trainers", LAYOUT_TRAINERS, ids=[layout for layout, _ in LAYOUT_TRAINERS])
+def test_make_data_layouts_federate_and_predict(layout, trainers, capsys, monkeypatch, tmp_path):
+    """Each layout plans together (round 0 of ``simulate --federated-planning``), trains one short round with
+    FedAvg, FedADP or FedOAP, and predicts held-out images with the ``nnUNetv2_predict`` command ``simulate``
+    printed, as printed (no nnUNet_extTrainer set). A second trainer on the same sites reuses the federated plans
+    instead of planning again."""
+    federation = make_layout_sites(layout, tmp_path / "nnunet", monkeypatch)
+    for k, trainer in enumerate(trainers):
+        _federate_and_predict(federation, trainer, capsys, tmp_path / f"pred_{k}", planned_before=k > 0)
+
+
+def _federate_and_predict(federation, trainer, capsys, pred_dir, planned_before: bool):
     ids = federation["ids"]
     pre = federation["paths"]["nnUNet_preprocessed"]
     from nnunet_fed.sites import dataset_name
 
     names = [dataset_name(i) for i in ids]
     shared = os.path.join(pre, names[0], "federated_planning", "nnUNetFedPlans.json")
-    planned_before = os.stat(shared).st_mtime_ns if os.path.isfile(shared) else None
+    assert os.path.isfile(shared) == planned_before
+    mtime = os.stat(shared).st_mtime_ns if planned_before else None
 
     code, out, err = cli(capsys, "simulate", "-d", *ids, "-c", "2d", "-tr", trainer, "--federated-planning",
                          *QUICK, *TRAINERS[trainer])
     assert code == 0, err
-    if planned_before is not None:
-        assert os.stat(shared).st_mtime_ns == planned_before and "reusing the federated plans" in out
-    metrics_file = os.path.join(federation["paths"]["nnUNet_results"], "DatasetFed_701_702",
-                                f"{trainer}__nnUNetFedPlans__2d", "fold_0", "federation_metrics.jsonl")
-    with open(metrics_file) as f:
+    assert "-p nnUNetFedPlans" in out
+    if planned_before:  # planned by the earlier trainer on these sites: reused, not planned again
+        assert os.stat(shared).st_mtime_ns == mtime and "reusing the federated plans" in out
+    for name in names:  # every site preprocessed with the shared plans
+        assert os.path.isfile(os.path.join(pre, name, "nnUNetFedPlans.json"))
+    results = federation["paths"]["nnUNet_results"]
+    model = os.path.join(results, "DatasetFed_" + "_".join(ids), f"{trainer}__nnUNetFedPlans__2d")
+    # the model predicted with: the global one, or (FedOAP) each site's personalised one
+    predicted = os.path.join(results, names[-1], os.path.basename(model)) if "OAP" in trainer else model
+    with open(os.path.join(predicted, "plans.json")) as f:
+        assert json.load(f)["plans_name"] == "nnUNetFedPlans"
+    with open(os.path.join(model, "fold_0", "federation_metrics.jsonl")) as f:
         rounds = [json.loads(line) for line in f]
     assert len(rounds) == 1 and set(rounds[0]["sites"]) == set(names)
-    if federation["layout"] == "tiny" and trainer == "nnUNetTrainerFedAvg":
+    if federation["layout"] == "tiny-no-foreground" and trainer == "nnUNetTrainerFedAvg":
         assert rounds[0]["sites"][names[1]]["num_examples"] == 3  # all its cases: too few for a 5-fold split
 
     line = next(ln for ln in out.splitlines() if ln.startswith("predict with: "))
@@ -439,10 +455,10 @@ def test_make_data_layouts_federate_and_predict(federation, trainer, capsys, mon
     site = names[-1]
     ending = ".png" if federation["layout"] == "rgb-png" else ".nii.gz"
     images = os.path.join(federation["paths"]["nnUNet_raw"], site, "imagesTs")
-    command = command.replace("<images>", shlex.quote(images)).replace("<output>", shlex.quote(str(tmp_path / "p")))
+    command = command.replace("<images>", shlex.quote(images)).replace("<output>", shlex.quote(str(pred_dir)))
     command = command.replace("<site>", site)
     env = {k: v for k, v in os.environ.items() if k != "nnUNet_extTrainer"}
     proc = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    predicted = [f for f in os.listdir(tmp_path / "p") if f.endswith(ending)]
+    predicted = [f for f in os.listdir(pred_dir) if f.endswith(ending)]
     assert predicted == ["test_0000" + ending]
