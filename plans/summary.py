@@ -106,6 +106,7 @@ def _analyze_case(image_files: Sequence[str], label_file: str, reader_writer_nam
             "shape_after_crop": [int(s) for s in shape_after],
             "relative_size_after_cropping": float(np.prod(shape_after, dtype=np.float64) /
                                                   np.prod(shape_before, dtype=np.float64)),
+            "foreground_voxels": int(fg.sum()),
             "channels": channels}
 
 
@@ -244,7 +245,8 @@ def summarize_site(dataset_id_or_name, output_file: str | None = None, num_proce
     cases = _analyze_cases(dataset, rw.__name__, int(num_processes))
     has_foreground = any(ch is not None for c in cases for ch in c["channels"])
     fingerprint = nnunet_fingerprint(name, num_processes, overwrite=not reuse_fingerprint, verbose=verbose,
-                                     has_foreground=has_foreground)
+                                     has_foreground=has_foreground,
+                                     foreground_voxels=sum(c["foreground_voxels"] for c in cases))
     if len(fingerprint.get("spacings", [])) != len(cases):
         raise FederationSetupError(
             f"site {name}: its dataset_fingerprint.json has {len(fingerprint.get('spacings', []))} cases but "
@@ -261,8 +263,11 @@ def summarize_site(dataset_id_or_name, output_file: str | None = None, num_proce
 NNUNET_INTENSITY_KEYS = ("mean", "median", "std", "min", "max", "percentile_99_5", "percentile_00_5")
 
 
+FINGERPRINT_OVERSAMPLING = 10  # foreground samples per foreground voxel, at most (see nnunet_fingerprint)
+
+
 def nnunet_fingerprint(name: str, num_processes: int = 2, overwrite: bool = True, verbose: bool = False,
-                       has_foreground: bool | None = None) -> dict:
+                       has_foreground: bool | None = None, foreground_voxels: int | None = None) -> dict:
     """nnU-Net's ``dataset_fingerprint.json`` of the site, written to ``nnUNet_preprocessed/<name>/`` (it stays at
     the site; nnU-Net's trainer copies it into its results folder). Returns the fingerprint dict.
 
@@ -271,7 +276,16 @@ def nnunet_fingerprint(name: str, num_processes: int = 2, overwrite: bool = True
     (``has_foreground`` False; ``None``: the label files are read to find out) the fingerprint is made from
     nnU-Net's own per-case ``analyze_case`` (spacing, shape after cropping, relative size), with ``null``
     intensity properties: there is no foreground to describe, and federated plans take them from the other
-    sites. With ``overwrite`` False an existing fingerprint is returned as it is."""
+    sites. With ``overwrite`` False an existing fingerprint is returned as it is.
+
+    nnU-Net draws 1e8 foreground samples in total (with replacement, spread evenly over the cases) whatever the
+    dataset's size, and takes percentiles of them: 24 s for a site of four 32x32 RGB images on two CPU cores
+    (another job running). Given the site's number of foreground voxels (``foreground_voxels``, shared by all
+    channels), it draws at most ``FINGERPRINT_OVERSAMPLING`` (10) samples per foreground voxel instead: the same
+    estimate of the same empirical distribution, with sampling noise (that site: 3.1 s, means within 0.2 %,
+    percentiles within one grey level); sites with more than 1e7 foreground voxels are fingerprinted exactly as
+    nnU-Net does. (The intensity properties of this local fingerprint do not enter federated plans, which take
+    them from the sites' summaries.)"""
     from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
     from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
@@ -283,6 +297,9 @@ def nnunet_fingerprint(name: str, num_processes: int = 2, overwrite: bool = True
     with contextlib.redirect_stdout(sink) if not verbose else contextlib.nullcontext():
         fpe = DatasetFingerprintExtractor(name, num_processes=max(1, int(num_processes)), verbose=verbose)
         fpe.show_progress_bar = verbose
+        if foreground_voxels:
+            fpe.num_foreground_voxels_for_intensitystats = min(
+                fpe.num_foreground_voxels_for_intensitystats, FINGERPRINT_OVERSAMPLING * int(foreground_voxels))
         first_image = fpe.dataset[next(iter(fpe.dataset))]["images"][0]
         rw = determine_reader_writer_from_dataset_json(fpe.dataset_json, first_image, verbose=False)
         if has_foreground is None:
