@@ -243,9 +243,7 @@ def summarize_site(dataset_id_or_name, output_file: str | None = None, num_proce
     dj, dataset, rw = site_data.dataset_json, site_data.cases, site_data.reader_writer
 
     cases = _analyze_cases(dataset, rw.__name__, int(num_processes))
-    has_foreground = any(ch is not None for c in cases for ch in c["channels"])
     fingerprint = nnunet_fingerprint(name, num_processes, overwrite=not reuse_fingerprint, verbose=verbose,
-                                     has_foreground=has_foreground,
                                      foreground_voxels=sum(c["foreground_voxels"] for c in cases))
     if len(fingerprint.get("spacings", [])) != len(cases):
         raise FederationSetupError(
@@ -267,13 +265,13 @@ FINGERPRINT_OVERSAMPLING = 10  # foreground samples per foreground voxel, at mos
 
 
 def nnunet_fingerprint(name: str, num_processes: int = 2, overwrite: bool = True, verbose: bool = False,
-                       has_foreground: bool | None = None, foreground_voxels: int | None = None) -> dict:
+                       foreground_voxels: int | None = None) -> dict:
     """nnU-Net's ``dataset_fingerprint.json`` of the site, written to ``nnUNet_preprocessed/<name>/`` (it stays at
     the site; nnU-Net's trainer copies it into its results folder). Returns the fingerprint dict.
 
     nnU-Net's ``DatasetFingerprintExtractor.run`` takes percentiles of the site's pooled foreground samples, which
     fails (``IndexError: index -1 is out of bounds``) when no case has a foreground voxel. For such a site
-    (``has_foreground`` False; ``None``: the label files are read to find out) the fingerprint is made from
+    (``foreground_voxels`` 0; ``None``: the label files are read to find out) the fingerprint is made from
     nnU-Net's own per-case ``analyze_case`` (spacing, shape after cropping, relative size), with ``null``
     intensity properties: there is no foreground to describe, and federated plans take them from the other
     sites. With ``overwrite`` False an existing fingerprint is returned as it is.
@@ -302,8 +300,10 @@ def nnunet_fingerprint(name: str, num_processes: int = 2, overwrite: bool = True
                 fpe.num_foreground_voxels_for_intensitystats, FINGERPRINT_OVERSAMPLING * int(foreground_voxels))
         first_image = fpe.dataset[next(iter(fpe.dataset))]["images"][0]
         rw = determine_reader_writer_from_dataset_json(fpe.dataset_json, first_image, verbose=False)
-        if has_foreground is None:
+        if foreground_voxels is None:
             has_foreground = any(np.any(rw().read_seg(v["label"])[0] > 0) for v in fpe.dataset.values())
+        else:
+            has_foreground = foreground_voxels > 0
         if has_foreground:
             return fpe.run(overwrite_existing=True)
         results = [DatasetFingerprintExtractor.analyze_case(v["images"], v["label"], rw, 0)
