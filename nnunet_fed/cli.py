@@ -38,6 +38,21 @@ def _add_simulate_args(p: argparse.ArgumentParser) -> None:
                    help="trainer option (repeatable), e.g. -o target_epsilon=8; nnUNetv2_train reads the same "
                         "option from the variable nnUNet_fed_<NAME>")
     p.add_argument("-np", "--num-processes", type=int, default=2, help="processes for planning/preprocessing")
+    add_strategy_args(p)
+    p.add_argument("--diagnose", action="store_true",
+                   help="record each round's update norms and the cosines between site updates in "
+                        "federation_metrics.jsonl (holds every site's update in memory during a round)")
+
+
+def add_strategy_args(p: argparse.ArgumentParser) -> None:
+    from nnunet_fed.federation.aggregation import STRATEGIES
+
+    p.add_argument("--strategy", default=None, choices=list(STRATEGIES), type=str.lower,
+                   help="the server's aggregation rule (default: the trainer's, fedavg): Flower's FedAvgM, FedAdam, "
+                        "FedYogi, FedAdagrad (server optimisers on the mean), FedMedian, FedTrimmedAvg, Krum")
+    p.add_argument("--strategy-option", action="append", default=[], metavar="NAME=VALUE",
+                   help="a setting of the Flower rule (repeatable), e.g. --strategy fedavgm --strategy-option "
+                        "server_momentum=0.9")
 
 
 def parse_options(items) -> dict:
@@ -76,7 +91,9 @@ def cmd_simulate(args) -> int:
                            fold=parse_fold(args.fold), plans_identifier=args.plans or "nnUNetPlans",
                            device=args.device, fedprox_mu=args.fedprox_mu, federation_name=args.federation_name,
                            seed=args.seed, final_validation=not args.no_val, fresh=args.fresh,
-                           progress=not args.no_progress, trainer_options=parse_options(args.option))
+                           progress=not args.no_progress, trainer_options=parse_options(args.option),
+                           strategy=args.strategy or "fedavg", strategy_options=parse_options(args.strategy_option),
+                           diagnose=args.diagnose)
     if args.dp_epsilon is not None and not args.federated_planning:
         raise FederationSetupError("--dp-epsilon is the epsilon of the planning summaries: it needs "
                                    "--federated-planning")
@@ -126,7 +143,8 @@ def cmd_make_data(args) -> int:
     require_nnunet_paths(("nnUNet_raw",))
     names = make_federated_datasets(first_id=args.first_id, num_sites=args.sites, scenario=args.scenario,
                                     dim=args.dim, num_train=args.num_train, num_test=args.num_test, seed=args.seed,
-                                    modality=args.modality, overwrite=args.overwrite, layout=args.layout)
+                                    modality=args.modality, overwrite=args.overwrite, layout=args.layout,
+                                    inverted_sites=args.inverted_sites)
     for n in names:
         print(n)
     return 0
@@ -168,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(sparse annotation, label 3 = ignore), regions (two channels, region-based labels), "
                         "no-foreground (healthy controls: every label 0); a tiny site: --num-train 3")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--inverted-sites", type=int, nargs="*", default=[], metavar="K",
+                   help="indices (0-based) of sites with inverted contrast (bright tumour dark), e.g. --inverted-sites 2")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_make_data)
 

@@ -6,6 +6,10 @@
   the perturbed boundary loss (:mod:`nnunet_fed.losses.pbl`) when ``pbl_lambda > 0``. The site's
   ``checkpoint_final.pth`` is then its personal model. Under plain ``nnUNetv2_train`` (one site, no server)
   the fine-tuning runs after the local rounds, so every method gets the same number of steps.
+* :class:`DittoTrainer`: Ditto (Li et al. 2021, "Ditto: Fair and Robust Federated Learning Through
+  Personalization"): besides the global model (FedAvg, every parameter shared), each site trains a personal model
+  with nnU-Net's loss plus ``ditto_lambda/2 ||v - w_global||^2``; the personal model never leaves the site and is
+  the site's ``checkpoint_final.pth``.
 * :class:`FedOAPNetwork` (mixin): the network (nnU-Net's UNet from the plans + decoupled cross-attention
   bottleneck + spatial adapters, :mod:`nnunet_fed.architectures`) and the sharing policy (query branch,
   Wq, adapters and heads stay at the site).
@@ -18,10 +22,13 @@ Architecture settings (``dca_heads``, ``adapter_placement``) are class attribute
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
 import time
 
 import numpy as np
+import torch
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 
 from nnunet_fed.architectures.builder import ADAPTER_PLACEMENTS, FEDOAP_LOCAL_PATTERNS, build_fedoap_network
@@ -144,6 +151,101 @@ class FedOAPNetwork:
 
 class FedOAPTrainer(FedOAPNetwork, LocalFineTuning, nnUNetTrainerFederated):
     """FedOAP: federated rounds averaging the shared parameters, then local fine-tuning with PBL at every site."""
+
+
+class DittoTrainer(nnUNetTrainerFederated):
+    """Ditto (Li et al. 2021): a global model averaged by FedAvg and, at each site, a personal model of the same
+    architecture pulled towards the global one.
+
+    A round: ``local_steps`` of nnU-Net's ``train_step`` on the global model (what the site sends), then
+    ``ditto_steps`` (0: as many as ``local_steps``) on the personal model, whose SGD step adds the gradient of
+    ``ditto_lambda/2 ||v - w||^2``, ``w`` the global weights received at the start of the round. Both models use
+    nnU-Net's optimizer (SGD, momentum 0.99, poly learning rate over the rounds); pseudo-Dice validation runs on the
+    personal model. The personal weights and optimizer are kept with the round state (resume, Flower rounds). Why
+    not Flower's: Flower has strategies, not client training; Ditto is a client-side rule.
+    """
+
+    federated_options = {"ditto_lambda": 0.1, "ditto_steps": 0}
+
+    @classmethod
+    def resolve_options(cls, options=None, environ=None) -> dict:
+        o = super().resolve_options(options, environ)
+        if o["ditto_lambda"] < 0 or o["ditto_steps"] < 0:
+            raise ValueError(f"{cls.__name__}: ditto_lambda and ditto_steps must be >= 0, got "
+                             f"{o['ditto_lambda']} and {o['ditto_steps']}")
+        return o
+
+    def initialize(self):
+        super().initialize()
+        self.personal_network = copy.deepcopy(self.plain_network)  # own storage: never the shared weights
+        global_network, self.network = self.network, self.personal_network
+        try:
+            self.personal_optimizer, self.personal_lr_scheduler = self.configure_optimizers()
+        finally:
+            self.network = global_network
+        self.personal_optimizer.register_step_pre_hook(self._add_ditto_gradient)
+        self.ditto_reference: dict | None = None
+
+    def on_round_start(self, global_arrays) -> None:
+        super().on_round_start(global_arrays)
+        if global_arrays is not None:
+            self.ditto_reference = {k: torch.as_tensor(v).to(self.device) for k, v in global_arrays.items()}
+
+    def _add_ditto_gradient(self, optimizer, args, kwargs):
+        if self.ditto_reference is None or self.options["ditto_lambda"] <= 0:
+            return
+        with torch.no_grad():
+            for name, p in self.personal_network.named_parameters():
+                ref = self.ditto_reference.get(name)
+                if ref is not None and p.grad is not None:
+                    p.grad.add_(p.detach() - ref, alpha=self.options["ditto_lambda"])
+
+    @contextlib.contextmanager
+    def personal_model(self):
+        """nnU-Net's ``train_step`` / ``validation_step`` act on the personal model inside this block."""
+        saved = self.network, self.optimizer, self.lr_scheduler
+        self.network, self.optimizer, self.lr_scheduler = (self.personal_network, self.personal_optimizer,
+                                                           self.personal_lr_scheduler)
+        try:
+            yield
+        finally:
+            self.network, self.optimizer, self.lr_scheduler = saved
+
+    def local_training(self) -> list:
+        outputs = super().local_training()  # the global model's steps: what the site sends
+        steps = int(self.options["ditto_steps"]) or self.num_iterations_per_epoch
+        with self.personal_model():
+            self.personal_lr_scheduler.step(self.current_epoch)  # the same poly position as the global model's
+            self.network.train()
+            for _ in range(steps):
+                self.train_step(next(self.dataloader_train))
+        return outputs
+
+    def on_validation_epoch_start(self):
+        super().on_validation_epoch_start()
+        self.personal_network.eval()
+
+    def validation_step(self, batch: dict) -> dict:
+        with self.personal_model():
+            return super().validation_step(batch)
+
+    def post_round_steps(self) -> int:
+        return 0
+
+    def finish_federation(self, global_arrays) -> None:
+        """The site's final model is its personal model (the server writes the global one)."""
+        super().finish_federation(global_arrays)
+        self.plain_network.load_state_dict(self.personal_network.state_dict())
+
+    def extra_checkpoint_state(self) -> dict:
+        return {**super().extra_checkpoint_state(), "ditto_personal_weights": self.personal_network.state_dict(),
+                "ditto_personal_optimizer": self.personal_optimizer.state_dict()}
+
+    def load_extra_checkpoint_state(self, checkpoint: dict) -> None:
+        super().load_extra_checkpoint_state(checkpoint)
+        if "ditto_personal_weights" in checkpoint:
+            self.personal_network.load_state_dict(checkpoint["ditto_personal_weights"])
+            self.personal_optimizer.load_state_dict(checkpoint["ditto_personal_optimizer"])
 
 
 class FineTunedFedAvgTrainer(LocalFineTuning, nnUNetTrainerFederated):

@@ -51,6 +51,25 @@ def site_env(planned_sites, tmp_path, monkeypatch):
     return {**planned_sites, "env": env, "results": env["nnUNet_results"]}
 
 
+@pytest.fixture
+def sent_updates(monkeypatch) -> list:
+    """Every update the server receives, as it receives it: [(site, {name: array})] (the server's FedAvg, which
+    every strategy averages or validates through)."""
+    from nnunet_fed.federation import aggregation
+
+    sent, original = [], aggregation.FedAvg.aggregate
+
+    def recording_aggregate(self, global_arrays, updates):
+        def tap():
+            for u in updates:
+                sent.append((u.site, {k: v.copy() for k, v in u.arrays.items()}))
+                yield u
+        return original(self, global_arrays, tap())
+
+    monkeypatch.setattr(aggregation.FedAvg, "aggregate", recording_aggregate)
+    return sent
+
+
 def run_cli(args, env, timeout=600, check=True):
     """Run a console command (nnunet_fed, nnUNetv2_*) with the given nnU-Net folders."""
     full_env = {**os.environ, **env}

@@ -199,29 +199,12 @@ FED_NAME = "DatasetFed_201_202_203"
 TRAINER = "nnUNetTrainerFedOAP"
 
 
-def _record_sent_updates(monkeypatch) -> list:
-    """Every update the server receives, as it receives it: [(site, {name: array})]."""
-    from nnunet_fed.federation import aggregation
-
-    sent = []
-    original = aggregation.FedAvg.aggregate
-
-    def recording_aggregate(self, global_arrays, updates):
-        def tap():
-            for u in updates:
-                sent.append((u.site, {k: v.copy() for k, v in u.arrays.items()}))
-                yield u
-        return original(self, global_arrays, tap())
-
-    monkeypatch.setattr(aggregation.FedAvg, "aggregate", recording_aggregate)
-    return sent
-
-
-def test_fedoap_simulation_sends_no_local_parameter_and_predicts_per_site(site_env, monkeypatch, tmp_path):
+def test_fedoap_simulation_sends_no_local_parameter_and_predicts_per_site(site_env, monkeypatch, tmp_path,
+                                                                           sent_updates):
     from nnunet_fed.federation.records import load_server_state
     from nnunet_fed.federation.simulation import SimulationConfig, simulate
 
-    sent = _record_sent_updates(monkeypatch)
+    sent = sent_updates
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
     out = simulate(SimulationConfig(dataset_ids=site_env["ids"], configuration="2d", trainer=TRAINER, rounds=2,
                                     local_steps=2, val_steps=1, device="cpu", final_validation=False,
@@ -343,13 +326,13 @@ def test_per_case_clipping_is_exact_on_the_fedoap_network(dim):
         torch.testing.assert_close(acc.get(p, torch.zeros_like(p)), ref[p], rtol=1e-9, atol=1e-12)
 
 
-def test_fedoap_adp_is_private_end_to_end_and_accounts_fine_tuning(site_env, monkeypatch):
+def test_fedoap_adp_is_private_end_to_end_and_accounts_fine_tuning(site_env, monkeypatch, sent_updates):
     """nnUNetTrainerFedOAP_ADP: no local parameter is sent; the noise is calibrated over rounds x steps + the
     fine-tuning steps, which run as DP steps with PBL; the epsilon of each site's report is reproduced by
     dp_accounting from the report's history; the round metrics show the spending before fine-tuning."""
     from nnunet_fed.federation.simulation import SimulationConfig, simulate
 
-    sent = _record_sent_updates(monkeypatch)
+    sent = sent_updates
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
     trainer, rounds, steps, finetune = "nnUNetTrainerFedOAP_ADP", 2, 2, 3
     out = simulate(SimulationConfig(dataset_ids=site_env["ids"], configuration="2d", trainer=trainer, rounds=rounds,

@@ -150,6 +150,7 @@ def test_site_killed_mid_round_then_rejoins(site_env, federation):
     assert [f["site"] for f in rows[0]["failed"]] == [victim_name], rows[0]["failed"]
     assert set(rows[1]["sites"]) == set(site_env["names"])  # the rejoined site trained round 2
     assert _committed_rounds(fed.fold) == 2
+    assert load_server_state(fed.fold)["strategy_state"]["server_round"] == 2  # the restarted server continued it
     assert os.path.isfile(os.path.join(fed.fold, "checkpoint_final.pth"))
     for name in site_env["names"]:  # no lost checkpoints: every site has its final model and its round state
         fold = _site_fold(site_env, name)
@@ -162,10 +163,12 @@ def test_site_killed_mid_round_then_rejoins(site_env, federation):
 
 def test_server_killed_and_restarted_resumes_then_nnunet_predict(site_env, federation, tmp_path):
     """Two sites, two rounds on Flower; the server (SuperLink, ServerApp) is killed during round 2 and started
-    again: it resumes after the committed round, every round trains exactly once at each site, every site ends
-    with the global parameters (FedAvg), and nnUNetv2_predict runs on the global model in nnU-Net's layout."""
+    again: it resumes after the committed round (with the server optimiser's state: Flower's FedAvgM), every round
+    trains exactly once at each site, every site ends with the global parameters, and nnUNetv2_predict runs on the
+    global model in nnU-Net's layout."""
     fed = federation
-    args = ("--min-sites", "2", "--round-timeout", "300")
+    args = ("--min-sites", "2", "--round-timeout", "300", "--strategy", "fedavgm",
+            "--strategy-option", "server_momentum=0.5")
     fed.server(2, *args)
     for d in site_env["ids"][:2]:
         fed.join(d)
@@ -175,6 +178,7 @@ def test_server_killed_and_restarted_resumes_then_nnunet_predict(site_env, feder
 
     committed = load_server_state(fed.fold)
     assert committed["completed_rounds"] == 1  # killed during round 2
+    assert committed["strategy_state"]["server_round"] == 1 and committed["strategy_state"]["momentum_vector"]
     assert not os.path.isfile(os.path.join(fed.fold, "checkpoint_final.pth"))
 
     fed.server(2, *args, key="server2")
@@ -194,6 +198,7 @@ def test_server_killed_and_restarted_resumes_then_nnunet_predict(site_env, feder
             assert m["local_steps"] == 2 and m["num_examples"] > 0 and np.isfinite(m["train_loss"])
             assert m["setup_seconds"] >= 0 and m["process_seconds"] > 0  # cost of a fresh trainer per round
     assert _committed_rounds(fed.fold) == 2
+    assert load_server_state(fed.fold)["strategy_state"]["server_round"] == 2  # the restarted server continued it
     assert os.path.isfile(os.path.join(fed.fold, "checkpoint_final.pth"))
     for name in sites:
         ck = torch.load(os.path.join(_site_fold(site_env, name), "checkpoint_final.pth"), map_location="cpu",

@@ -14,13 +14,15 @@ class _Child(_Base):
 
 
 def test_defaults_merge_along_the_hierarchy():
-    assert _Child.option_defaults() == {"clip": 1.0, "steps": 5, "adaptive": False, "mode": "gaussian", "tau": 0.75}
+    assert _Child.option_defaults() == {**nnUNetTrainerFederated.option_defaults(),  # local_momentum
+                                        "clip": 1.0, "steps": 5, "adaptive": False, "mode": "gaussian", "tau": 0.75}
 
 
 def test_environment_then_explicit_values_are_cast():
     env = {"nnUNet_fed_clip": "0.5", "nnUNet_fed_adaptive": "true", "nnUNet_fed_steps": ""}
     opts = _Child.resolve_options(parse_options(["steps=7", "mode=laplace"]), environ=env)
-    assert opts == {"clip": 0.5, "steps": 7, "adaptive": True, "mode": "laplace", "tau": 0.75}
+    assert opts == {**nnUNetTrainerFederated.option_defaults(),
+                    "clip": 0.5, "steps": 7, "adaptive": True, "mode": "laplace", "tau": 0.75}
 
 
 def test_schedule_and_options_come_from_one_kind_of_variable():

@@ -173,6 +173,30 @@ def test_tumour_and_organ_intensity_differ(shift2d):
         assert tumour - organ > 1.5 * sd and organ - bg > 1.5 * sd
 
 
+def test_inverted_site_has_the_contrast_the_other_way(tmp_path):
+    """An inverted site: tumour darker than organ, organ darker than background, even after nnU-Net's z-score;
+    the anatomy (labels) is the same as without inversion."""
+    root = str(tmp_path)
+    kw = dict(first_id=150, num_sites=2, num_train=4, num_test=1, image_size=(32, 32))
+    plain = make_federated_datasets(raw_root=os.path.join(root, "plain"), **kw)
+    inverted = make_federated_datasets(raw_root=os.path.join(root, "inv"), inverted_sites=[1], **kw)
+    for k in (0, 1):
+        imgs, labs = _site_arrays(os.path.join(root, "inv", inverted[k]))
+        _, ref_labs = _site_arrays(os.path.join(root, "plain", plain[k]))
+        assert all(np.array_equal(a, b) for a, b in zip(labs, ref_labs))
+        z = [(i - i.mean()) / i.std() for i in imgs]
+        bg, organ, tumour = (np.concatenate([x[lab == c] for x, lab in zip(z, labs)]).mean() for c in (0, 1, 2))
+        params = json.load(open(os.path.join(root, "inv", inverted[k], "dataset.json")))["synthetic"]["site_params"]
+        assert params["contrast_inverted"] == (k == 1)
+        if k == 1:
+            assert tumour < organ < bg
+        else:
+            assert tumour > organ > bg
+    with pytest.raises(ValueError, match="inverted_sites"):
+        make_federated_datasets(raw_root=os.path.join(root, "bad"), inverted_sites=[2], **kw)
+    assert not os.path.exists(os.path.join(root, "bad"))
+
+
 def test_site_heterogeneity(shift2d):
     root, names = shift2d
     spacings, means, stds, params = [], [], [], []

@@ -13,7 +13,8 @@ texture, noise makes the intensity distributions overlap.
 
 Site heterogeneity (all recorded in ``dataset.json["synthetic"]["site_params"]``):
 intensity scale/offset, contrast gamma, noise std, multiplicative bias field amplitude, voxel spacing,
-object size and elongation.  The *pixel grid* is identical across sites, only the physical spacing
+object size and elongation; optionally an inverted contrast (``inverted_sites``: tissue intensities mirrored, the
+bright tumour dark, as between two MR sequences), which per-image normalisation does not undo.  The *pixel grid* is identical across sites, only the physical spacing
 differs, so nnU-Net plans the same patch size and network topology at every site (needed for FedAvg).
 
 Scenarios
@@ -62,6 +63,8 @@ FAMILIES = ("ellipse", "rim", "bean")
 LABELS = {"background": 0, "organ": 1, "tumour": 2}
 TUMOUR_PROBABILITY = 0.85
 DEFAULT_SIZE = {2: (64, 64), 3: (32, 48, 48)}
+#: a contrast-inverted site's tissue intensities are ``INVERSION_LEVEL - t`` (bright tumour becomes dark)
+INVERSION_LEVEL = 1.2
 
 # "Scanner" table, cycled over the site index. Sites beyond the table get a seeded jitter on top so that
 # they still differ from the earlier site sharing the same table row.
@@ -115,7 +118,8 @@ def _scenario_folder_name(dataset_id: int, scenario: str, site: int, layout: str
     return f"Dataset{dataset_id:03d}_{scenario.capitalize()}{LAYOUT_TAGS[layout]}Site{site}"
 
 
-def site_parameters(site: int, scenario: str = "shift", dim: int = 2, seed: int = 0) -> dict:
+def site_parameters(site: int, scenario: str = "shift", dim: int = 2, seed: int = 0,
+                    contrast_inverted: bool = False) -> dict:
     """Heterogeneity parameters of site ``site`` (plain python types, JSON serialisable)."""
     if scenario not in SCENARIOS:
         raise ValueError(f"Unknown scenario {scenario!r}; expected one of {SCENARIOS}")
@@ -147,6 +151,7 @@ def site_parameters(site: int, scenario: str = "shift", dim: int = 2, seed: int 
         "bias_field_amplitude": round(float(base["bias_amp"]), 5),
         "object_size_factor": round(float(base["size_factor"]), 5),
         "object_elongation": round(float(base["elongation"]), 5),
+        "contrast_inverted": bool(contrast_inverted),
     }
     return params
 
@@ -306,6 +311,8 @@ def generate_case(shape: tuple, params: dict, rng: np.random.Generator,
     tissue = np.clip(tissue, 0.0, None) ** params["gamma"]
     tissue = tissue * _bias_field(coords, params["bias_field_amplitude"], rng)
     tissue = tissue + params["noise_std"] * rng.standard_normal(shape)
+    if params.get("contrast_inverted"):  # a scanner whose contrast runs the other way (T1 against T2, say)
+        tissue = INVERSION_LEVEL - tissue
     image = (tissue * params["intensity_scale"] + params["intensity_offset"]).astype(np.float32)
     info = {"has_tumour": has_tumour, "organ_voxels": int(organ.sum()), "tumour_voxels": int(tumour.sum())}
     return image, label, info
@@ -377,12 +384,14 @@ def _write_case(layout: str, image: np.ndarray, label: np.ndarray, params: dict,
 def make_federated_datasets(first_id: int = 101, num_sites: int = 3, scenario: str = "shift", dim: int = 2,
                             num_train: int = 40, num_test: int = 10, seed: int = 0,
                             image_size: tuple | None = None, modality: str = "MRI",
-                            raw_root: str | None = None, overwrite: bool = False, layout: str = "nifti") -> list[str]:
+                            raw_root: str | None = None, overwrite: bool = False, layout: str = "nifti",
+                            inverted_sites=()) -> list[str]:
     """Write ``num_sites`` synthetic nnU-Net v2 raw datasets and return their folder names.
 
     Site ``k`` gets dataset id ``first_id + k`` and folder ``Dataset{id:03d}_{Scenario}{Layout}Site{k}`` under
     ``raw_root`` (default: ``$nnUNet_raw``); ``layout`` is one of ``LAYOUTS`` (module docstring), its tag is
-    empty for the default ``nifti``. Raises ``ValueError`` for a bad argument and ``FileExistsError`` for an
+    empty for the default ``nifti``. ``inverted_sites``: indices (0-based) of sites whose contrast is inverted.
+    Raises ``ValueError`` for a bad argument and ``FileExistsError`` for an
     existing folder (unless ``overwrite``), before anything is written.
     """
     if scenario not in SCENARIOS:
@@ -401,6 +410,9 @@ def make_federated_datasets(first_id: int = 101, num_sites: int = 3, scenario: s
         raise ValueError(f"num_test must be >= 0, got {num_test!r}")
     if int(seed) < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    inverted_sites = sorted({int(k) for k in inverted_sites})
+    if any(k < 0 or k >= int(num_sites) for k in inverted_sites):
+        raise ValueError(f"inverted_sites {inverted_sites} must be site indices in 0..{int(num_sites) - 1}")
     if int(first_id) < 1 or int(first_id) + int(num_sites) - 1 > 999:
         raise ValueError(f"dataset ids {first_id}..{first_id + num_sites - 1} must lie in 1..999")
     shape = tuple(int(s) for s in (image_size if image_size is not None else DEFAULT_SIZE[dim]))
@@ -425,7 +437,7 @@ def make_federated_datasets(first_id: int = 101, num_sites: int = 3, scenario: s
         shutil.rmtree(os.path.join(raw_root, n))
 
     for k, name in enumerate(names):
-        params = site_parameters(k, scenario, dim, seed)
+        params = site_parameters(k, scenario, dim, seed, contrast_inverted=k in inverted_sites)
         folder = os.path.join(raw_root, name)
         for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
             os.makedirs(os.path.join(folder, sub), exist_ok=True)

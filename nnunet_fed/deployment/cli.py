@@ -59,8 +59,10 @@ def cmd_server(args) -> int:
                       fedprox_mu=args.fedprox_mu, trainer_options=options, seed=args.seed,
                       federation_name=args.federation_name, min_sites=args.min_sites,
                       round_timeout=args.round_timeout, wait_for_sites=args.wait_for_sites,
-                      round_retries=args.round_retries, final_validation=not args.no_val, fresh=args.fresh)
+                      round_retries=args.round_retries, final_validation=not args.no_val, fresh=args.fresh,
+                      strategy=args.strategy or "fedavg", strategy_options=_option_dict(args.strategy_option))
     run = RunSettings.from_run_config(run.to_run_config())  # the same checks the ServerApp makes
+    trainer_cls.make_server_strategy(options, run.strategy, run.strategy_options)  # unknown rule or option
     tls = launch.TLS(insecure=args.insecure, certfile=args.ssl_certfile, keyfile=args.ssl_keyfile,
                      ca_certfile=args.ssl_ca_certfile)
     try:
@@ -197,6 +199,9 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fedprox-mu", type=float, default=0.0, help="FedProx proximal weight (0: plain FedAvg)")
     p.add_argument("-o", "--option", action="append", default=[], metavar="NAME=VALUE",
                    help="trainer option (repeatable), as for simulate")
+    from nnunet_fed.cli import add_strategy_args
+
+    add_strategy_args(p)
     p.add_argument("--seed", type=int, default=12345)
     p.add_argument("--federation-name", default="DatasetFed_flower", help="results folder of the global model")
     p.add_argument("--round-timeout", type=float, default=3600.0,

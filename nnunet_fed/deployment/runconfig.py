@@ -11,8 +11,9 @@ KEYS = {
     "trainer-options": "trainer_options", "seed": "seed", "federation-name": "federation_name",
     "min-sites": "min_sites", "round-timeout": "round_timeout",
     "wait-for-sites": "wait_for_sites", "round-retries": "round_retries", "final-validation": "final_validation",
-    "fresh": "fresh",
+    "fresh": "fresh", "strategy": "strategy", "strategy-options": "strategy_options",
 }
+_JSON_KEYS = ("trainer_options", "strategy_options")
 
 
 @dataclass
@@ -34,6 +35,8 @@ class RunSettings:
     round_retries: int = 3
     final_validation: bool = True
     fresh: bool = False
+    strategy: str = "fedavg"
+    strategy_options: dict = field(default_factory=dict)
 
     @classmethod
     def from_run_config(cls, run_config) -> "RunSettings":
@@ -41,13 +44,15 @@ class RunSettings:
         if unknown:
             raise ValueError(f"unknown run config key(s) {unknown}; known: {sorted(KEYS)}")
         values = {KEYS[k]: v for k, v in run_config.items()}
-        if isinstance(values.get("trainer_options"), str):
-            text = values["trainer_options"].strip()
-            try:
-                values["trainer_options"] = json.loads(text) if text else {}
-            except json.JSONDecodeError:
-                raise ValueError(f"run config trainer-options={text!r} is not a JSON object") from None
+        for attr in _JSON_KEYS:
+            if isinstance(values.get(attr), str):
+                text = values[attr].strip()
+                try:
+                    values[attr] = json.loads(text) if text else {}
+                except json.JSONDecodeError:
+                    raise ValueError(f"run config {attr.replace('_', '-')}={text!r} is not a JSON object") from None
         s = cls(**values)
+        s.strategy = str(s.strategy).lower()
         s.fold = str(s.fold)
         for name in ("rounds", "local_steps", "val_steps", "min_sites", "round_retries", "seed"):
             setattr(s, name, int(getattr(s, name)))
@@ -62,7 +67,7 @@ class RunSettings:
         out = {}
         for key, attr in KEYS.items():
             value = getattr(self, attr)
-            out[key] = json.dumps(value, sort_keys=True) if attr == "trainer_options" else value
+            out[key] = json.dumps(value, sort_keys=True) if attr in _JSON_KEYS else value
         return out
 
     def fold_value(self):
@@ -72,7 +77,9 @@ class RunSettings:
         """What must not change between an interrupted run and its resumption."""
         return {"configuration": self.configuration, "trainer": self.trainer, "local_steps": self.local_steps,
                 "rounds": self.rounds, "fold": str(self.fold), "plans": self.plans, "fedprox_mu": self.fedprox_mu,
-                "trainer_options": {k: self.trainer_options[k] for k in sorted(self.trainer_options)}}
+                "trainer_options": {k: self.trainer_options[k] for k in sorted(self.trainer_options)},
+                **({"strategy": self.strategy, "strategy_options": dict(sorted(self.strategy_options.items()))}
+                   if self.strategy != "fedavg" or self.strategy_options else {})}
 
     def as_dict(self) -> dict:
         return asdict(self)

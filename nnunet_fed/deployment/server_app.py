@@ -58,7 +58,7 @@ class FederationServer:
         self.refused: dict[int, str] = {}  # node id -> why it cannot take part
         self.template = None  # a trainer of the global model (plans, network), never trained
         self.global_arrays = None
-        self.strategy = self.trainer_cls.make_server_strategy(self.options)
+        self.strategy = self.trainer_cls.make_server_strategy(self.options, run.strategy, run.strategy_options)
 
     def log(self, text: str) -> None:
         line = f"[nnunet_fed server] {text}"
@@ -224,6 +224,8 @@ class FederationServer:
                     continue
                 self.log(f"round {r + 1}: {failed[-1][0]}: {failed[-1][1]}")
 
+        # a repeated attempt starts from the server rule's state before this one (a server optimiser's moments)
+        rule_state = self.strategy.state_dict() if hasattr(self.strategy, "state_dict") else None
         try:
             new_arrays = self.strategy.aggregate(self.global_arrays, updates())
         except NoValidUpdates as e:
@@ -235,6 +237,8 @@ class FederationServer:
         if new_arrays is None or accepted < self.run.min_sites:
             self.log(f"round {r + 1}: {accepted} valid update(s), fewer than min-sites {self.run.min_sites}; "
                      f"the round is repeated")
+            if rule_state is not None:
+                self.strategy.load_state_dict(rule_state)
             return False
         self.global_arrays = new_arrays
         record = {"round": r, "sites": {u.site: {**u.metrics, "num_examples": u.num_examples}
@@ -244,7 +248,8 @@ class FederationServer:
                   "seconds": time.time() - t0,
                   **(self.strategy.round_record() if hasattr(self.strategy, "round_record") else {})}
         self.metrics.append(record)
-        save_server_state(self.fold_dir, r + 1, self.global_arrays, self.run.resume_key())
+        save_server_state(self.fold_dir, r + 1, self.global_arrays, self.run.resume_key(),
+                          self.strategy.state_dict() if hasattr(self.strategy, "state_dict") else None)
         self.log(f"round {r + 1}/{self.run.rounds} committed: {accepted} site(s) "
                  f"{sorted(record['sites'])} in {record['seconds']:.1f} s")
         return True
@@ -281,6 +286,8 @@ class FederationServer:
                  + (f"; resuming after round {start}" if start else ""))
         nodes = self.wait_for_sites()
         self.global_arrays = state["global_arrays"] if state else self.template.get_shared_arrays()
+        if state and hasattr(self.strategy, "load_state_dict"):  # a server optimiser's moments
+            self.strategy.load_state_dict(state["strategy_state"])
         if hasattr(self.strategy, "start"):  # stateful server rules (client-level DP): federation size, past rounds
             # and min-sites: an attempt with fewer valid updates must fail inside the strategy, before it releases
             # anything (noise, clip, privacy spent), since the round is then repeated

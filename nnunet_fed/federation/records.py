@@ -96,13 +96,36 @@ def plot_per_site(panels: list, png_path: str) -> str:
     return png_path
 
 
+def _tensors(value):
+    """numpy arrays (in dicts and lists) as tensors, so that the state loads with ``weights_only=True``."""
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    if isinstance(value, Mapping):
+        return {k: _tensors(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_tensors(v) for v in value]
+    return value
+
+
+def _arrays(value):
+    if isinstance(value, torch.Tensor):
+        return value.numpy()
+    if isinstance(value, Mapping):
+        return {k: _arrays(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_arrays(v) for v in value]
+    return value
+
+
 def save_server_state(folder: str, completed_rounds: int, global_arrays: Mapping[str, np.ndarray],
-                      run_config: dict) -> None:
-    """Atomically record that ``completed_rounds`` rounds are done, with the global weights after them."""
+                      run_config: dict, strategy_state: Mapping | None = None) -> None:
+    """Atomically record that ``completed_rounds`` rounds are done, with the global weights after them and the
+    server rule's own state (a server optimiser's moments; numbers and arrays in dicts and lists)."""
     state = {
         "completed_rounds": int(completed_rounds),
-        "global_arrays": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in global_arrays.items()},
+        "global_arrays": _tensors(dict(global_arrays)),
         "run_config": json.dumps(run_config, sort_keys=True),
+        "strategy_state": _tensors(dict(strategy_state or {})),
     }
     path = os.path.join(folder, STATE_FILE)
     torch.save(state, path + ".tmp")
@@ -118,4 +141,5 @@ def load_server_state(folder: str) -> dict | None:
         "completed_rounds": int(state["completed_rounds"]),
         "global_arrays": {k: v.numpy() for k, v in state["global_arrays"].items()},
         "run_config": json.loads(state["run_config"]),
+        "strategy_state": _arrays(state.get("strategy_state", {})),
     }

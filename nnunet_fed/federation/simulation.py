@@ -61,6 +61,9 @@ class SimulationConfig:
     fresh: bool = False
     progress: bool = True
     trainer_options: dict = field(default_factory=dict)  # -o name=value (see the trainer's federated_options)
+    strategy: str = "fedavg"  # the server's rule (nnunet_fed.federation.aggregation.STRATEGIES)
+    strategy_options: dict = field(default_factory=dict)  # --strategy-option name=value (the Flower rule's settings)
+    diagnose: bool = False  # record update norms and cosines between site updates in federation_metrics.jsonl
     site_names: list = field(default_factory=list)  # filled in by the checks
 
     def resume_key(self) -> dict:
@@ -68,7 +71,9 @@ class SimulationConfig:
         return {"sites": list(self.site_names), "configuration": self.configuration, "trainer": self.trainer,
                 "local_steps": self.local_steps, "rounds": self.rounds, "fold": str(self.fold),
                 "plans": self.plans_identifier, "fedprox_mu": self.fedprox_mu,
-                "trainer_options": {k: self.trainer_options[k] for k in sorted(self.trainer_options)}}
+                "trainer_options": {k: self.trainer_options[k] for k in sorted(self.trainer_options)},
+                **({"strategy": self.strategy.lower(), "strategy_options": dict(sorted(self.strategy_options.items()))}
+                   if self.strategy.lower() != "fedavg" or self.strategy_options else {})}
 
 
 def default_federation_name(dataset_ids: Sequence[str | int]) -> str:
@@ -275,7 +280,11 @@ def prepare(cfg: SimulationConfig):
     site_checks.require_nnunet_paths()
     check_schedule(cfg)
     trainer_cls = site_checks.find_trainer(cfg.trainer)
-    trainer_cls.resolve_options(cfg.trainer_options)  # unknown or malformed options fail here
+    options = trainer_cls.resolve_options(cfg.trainer_options)  # unknown or malformed options fail here
+    try:  # the server's rule and its options
+        trainer_cls.make_server_strategy(options, cfg.strategy, cfg.strategy_options, cfg.diagnose)
+    except ValueError as e:
+        raise site_checks.FederationSetupError(str(e)) from None
     names = [site_checks.dataset_name(d) for d in cfg.dataset_ids]
     site_checks.check_sites_compatible(names, source="preprocessed")
     for n in names:
@@ -465,7 +474,10 @@ def _federate(cfg: SimulationConfig, trainer_cls, device: torch.device, fold_dir
     global_arrays = state["global_arrays"] if state else sites[0].trainer.get_shared_arrays()  # its initial weights
     metrics = MetricsLog(fold_dir)
     metrics.truncate(start_round)
-    strategy = trainer_cls.make_server_strategy(sites[0].trainer.options)
+    strategy = trainer_cls.make_server_strategy(sites[0].trainer.options, cfg.strategy, cfg.strategy_options,
+                                                cfg.diagnose)
+    if state and hasattr(strategy, "load_state_dict"):
+        strategy.load_state_dict(state.get("strategy_state", {}))
     if hasattr(strategy, "start"):  # stateful server rules (client-level DP): federation size, schedule, past rounds
         strategy.start(num_sites=len(sites), rounds=cfg.rounds, history=metrics.read(), min_updates=1)
 
@@ -500,7 +512,8 @@ def _federate(cfg: SimulationConfig, trainer_cls, device: torch.device, fold_dir
                       "rejected": [{"site": s, "reason": why} for s, why in strategy.rejected],
                       "seconds": time.time() - t0, **(strategy.round_record() if hasattr(strategy, "round_record") else {})}
             metrics.append(record)
-            save_server_state(fold_dir, r + 1, global_arrays, cfg.resume_key())
+            save_server_state(fold_dir, r + 1, global_arrays, cfg.resume_key(),
+                              strategy.state_dict() if hasattr(strategy, "state_dict") else None)
             for site in sites:
                 site.prune_states(keep_from=r)
             metrics.plot()

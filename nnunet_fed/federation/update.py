@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 import numpy as np
+import torch
 
 
 #: what a site's dataset.json may show outside the site (setup message, model folders): the description every
@@ -34,15 +35,23 @@ class Update:
     metrics: dict = field(default_factory=dict)
 
 
+#: the normalisation layers of nnU-Net's networks (instance norm by default; batch, group and layer norm in
+#: other architectures): local under FedBN
+NORMALIZATION_LAYERS = (torch.nn.modules.instancenorm._InstanceNorm, torch.nn.modules.batchnorm._BatchNorm,
+                        torch.nn.GroupNorm, torch.nn.LayerNorm)
+
+
 class SharingPolicy:
     """Names the local (personal) parameters of a network; everything else is shared.
 
     ``local_patterns`` are regular expressions matched against state-dict names from their start
-    (``re.match``). Local parameters never leave the site.
+    (``re.match``); ``local_modules`` are module types whose parameters and buffers are local wherever they
+    sit (FedBN: the normalisation layers). Local parameters never leave the site.
     """
 
-    def __init__(self, local_patterns: Iterable[str] = ()):
+    def __init__(self, local_patterns: Iterable[str] = (), local_modules: tuple = ()):
         self.local_patterns = tuple(local_patterns)
+        self.local_modules = tuple(local_modules)
         self._compiled = [re.compile(p) for p in self.local_patterns]
 
     def is_local(self, name: str) -> bool:
@@ -68,8 +77,14 @@ class SharingPolicy:
         differently by the policy is an error, since sending it under one name would leak the other.
         """
         aliases = tensor_aliases(network)
+        by_module = {id(t) for m in network.modules() if isinstance(m, self.local_modules)
+                     for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))} if self.local_modules else set()
+        state = network.state_dict(keep_vars=True)
         shared, local = [], []
         for name, names in aliases.items():
+            if id(state[name]) in by_module:
+                local.append(name)
+                continue
             flags = {self.is_local(n) for n in names}
             if len(flags) > 1:
                 raise ValueError(f"{self!r} classifies one tensor differently under its names "
@@ -78,7 +93,8 @@ class SharingPolicy:
         return shared, local
 
     def __repr__(self) -> str:
-        return f"SharingPolicy(local_patterns={list(self.local_patterns)})"
+        modules = f", local_modules={[m.__name__ for m in self.local_modules]}" if self.local_modules else ""
+        return f"SharingPolicy(local_patterns={list(self.local_patterns)}{modules})"
 
 
 def tensor_aliases(network) -> dict[str, list[str]]:

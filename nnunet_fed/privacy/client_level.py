@@ -350,9 +350,12 @@ class ClientLevelDPMixin:
         return resolved
 
     @classmethod
-    def make_server_strategy(cls, options: Mapping | None = None):
+    def averaging_strategy(cls, options: Mapping | None = None, diagnose: bool = False):
+        if diagnose:
+            raise ValueError(f"{cls.__name__}: --diagnose would record properties of individual site updates, which "
+                             f"client-level DP protects only after their sum is noised")
         options = cls.resolve_options(options)
-        return wrap_client_dp(super().make_server_strategy(options), options)
+        return wrap_client_dp(super().averaging_strategy(options), options)
 
 
 class nnUNetTrainerClientDPBase(ClientLevelDPMixin, nnUNetTrainerFederated):
