@@ -51,6 +51,19 @@ def site_env(planned_sites, tmp_path, monkeypatch):
     return {**planned_sites, "env": env, "results": env["nnUNet_results"]}
 
 
+def site_trainer(site_env, trainer: str, **config):
+    """An nnU-Net trainer of the first site as ``simulate`` builds it (checked, not initialised); ``config``:
+    further SimulationConfig fields."""
+    import torch
+
+    from nnunet_fed.federation.simulation import SimulationConfig, _make_trainer, prepare
+
+    cfg = SimulationConfig(dataset_ids=site_env["ids"][:1], configuration="2d", trainer=trainer, device="cpu",
+                           progress=False, **config)
+    cls = prepare(cfg)
+    return _make_trainer(cfg, cfg.site_names[0], cls, torch.device("cpu"))
+
+
 @pytest.fixture
 def sent_updates(monkeypatch) -> list:
     """Every update the server receives, as it receives it: [(site, {name: array})] (the server's FedAvg, which

@@ -6,17 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import site_trainer
 from nnunet_fed.federation.update import NORMALIZATION_LAYERS, tensor_aliases
 
 
 def _trainer(site_env, options):
-    from nnunet_fed.federation.simulation import SimulationConfig, _make_trainer, prepare
-
-    cfg = SimulationConfig(dataset_ids=site_env["ids"][:1], configuration="2d", trainer="nnUNetTrainerFedPer",
-                           rounds=3, local_steps=2, val_steps=1, device="cpu", progress=False,
+    trainer = site_trainer(site_env, "nnUNetTrainerFedPer", rounds=3, local_steps=2, val_steps=1,
                            trainer_options=options)
-    cls = prepare(cfg)
-    trainer = _make_trainer(cfg, cfg.site_names[0], cls, torch.device("cpu"))
     trainer.on_train_start()
     return trainer
 
@@ -65,7 +61,7 @@ def test_personalisation_baseline_keeps_its_local_parameters(site_env, monkeypat
     """A simulation with a Flower server rule: what leaves each site has no local tensor under any of its names,
     the server's state has none, sites end with different local values, and the rule's state is saved."""
     from nnunet_fed.federation.records import load_server_state
-    from nnunet_fed.federation.simulation import SimulationConfig, _make_trainer, prepare, simulate
+    from nnunet_fed.federation.simulation import SimulationConfig, simulate
     from nnunet_fed.sites import find_trainer
 
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
@@ -78,10 +74,7 @@ def test_personalisation_baseline_keeps_its_local_parameters(site_env, monkeypat
     folders = out["site_folders"]
     weights = {s: torch.load(os.path.join(f, "checkpoint_final.pth"), map_location="cpu",
                              weights_only=False)["network_weights"] for s, f in folders.items()}
-    cfg = SimulationConfig(dataset_ids=site_env["ids"][:1], configuration="2d", trainer=trainer, device="cpu",
-                           progress=False)
-    cls = prepare(cfg)
-    t = _make_trainer(cfg, cfg.site_names[0], cls, torch.device("cpu"))
+    t = site_trainer(site_env, trainer)
     t.initialize()
     net = t.plain_network
     aliases = tensor_aliases(net)

@@ -12,7 +12,7 @@ from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from scipy import ndimage
 
-from conftest import dp_accounting_epsilon, nnunet_fed_cmd, run_cli
+from conftest import dp_accounting_epsilon, nnunet_fed_cmd, run_cli, site_trainer
 from nnunet_fed.architectures import FEDOAP_LOCAL_PATTERNS, AdaptedHead, wrap_unet
 from nnunet_fed.federation.update import SharingPolicy, tensor_aliases
 from nnunet_fed.losses import PerturbedBoundaryLoss, boundary_band, wrap_with_pbl
@@ -252,12 +252,7 @@ def test_fedoap_simulation_sends_no_local_parameter_and_predicts_per_site(site_e
 
 
 def test_get_shared_arrays_leave_local_parameters_alone(site_env):
-    from nnunet_fed.federation.simulation import SimulationConfig, _make_trainer, prepare
-
-    cfg = SimulationConfig(dataset_ids=site_env["ids"][:1], configuration="2d", trainer=TRAINER, device="cpu",
-                           progress=False)
-    cls = prepare(cfg)
-    trainer = _make_trainer(cfg, cfg.site_names[0], cls, torch.device("cpu"))
+    trainer = site_trainer(site_env, TRAINER)
     trainer.initialize()
     net = trainer.plain_network
     arrays = trainer.get_shared_arrays()

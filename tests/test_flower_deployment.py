@@ -150,7 +150,6 @@ def test_site_killed_mid_round_then_rejoins(site_env, federation):
     assert [f["site"] for f in rows[0]["failed"]] == [victim_name], rows[0]["failed"]
     assert set(rows[1]["sites"]) == set(site_env["names"])  # the rejoined site trained round 2
     assert _committed_rounds(fed.fold) == 2
-    assert load_server_state(fed.fold)["strategy_state"]["server_round"] == 2  # the restarted server continued it
     assert os.path.isfile(os.path.join(fed.fold, "checkpoint_final.pth"))
     for name in site_env["names"]:  # no lost checkpoints: every site has its final model and its round state
         fold = _site_fold(site_env, name)

@@ -523,11 +523,13 @@ class nnUNetTrainerDPBase(nnUNetTrainerFederated):
         from nnunet_fed.federation.simulation import SimulationConfig
 
         ledger.release("federation records", "the server's records of the run: round metrics as above, the global "
-                       "weights, the run's settings", "server (the federation's folder)",
+                       "weights, the server rule's state (a server optimiser's moments), update norms and cosines "
+                       "with --diagnose, the run's settings", "server (the federation's folder)",
                        "post-processing of the releases above, or the run's (public) settings",
                        fields=["federation_metrics.jsonl", "federation_progress.png", "federation_state.pth",
                                "federation_config.json", "round", "sites", "rejected", "failed", "completed_rounds",
-                               "global_arrays", "run_config", *[f.name for f in dataclass_fields(SimulationConfig)]])
+                               "global_arrays", "run_config", "strategy_state", "update_geometry",
+                               *[f.name for f in dataclass_fields(SimulationConfig)]])
         ledger.release("server-observed timing", "how long the site takes to answer a round (the 'seconds' of a "
                        "round in the federation records)", "server", "not privatised: it grows with the "
                        "Poisson-sampled batch sizes (a caveat of every deployment: the server sees when a reply "
