@@ -262,3 +262,39 @@ def test_audit_of_client_level_dp_stays_below_accounted_epsilon(site_env, tmp_pa
     assert rep["false_alarm_probability"] == pytest.approx(0.05)
     assert rep["epsilon_lower_bound"] <= rep["accounted_epsilon"] and rep["consistent"]
     assert rep["p_value"] >= 0.05
+
+
+DIVERGING_TRAINER = '''
+import numpy as np
+from nnunet_fed.federation.trainer import nnUNetTrainerFederated
+
+
+class nnUNetTrainerFedAvgDiverging(nnUNetTrainerFederated):
+    """Test trainer: local training diverges from the second round on (what heavy server noise can cause)."""
+    def on_round_end(self):
+        update = super().on_round_end()
+        if self.current_epoch >= 2:  # nnU-Net's epoch counter: rounds done, this one included
+            first = next(iter(update.arrays))
+            update.arrays[first][...] = np.nan
+        return update
+'''
+
+
+def test_audit_of_a_diverged_federation_audits_the_last_released_model(site_env, tmp_path):
+    """A run whose every update becomes NaN (client-level noise can blow a one-site federation up) ends with the
+    last committed global model, which is what was released: the audit scores that model and says how many rounds
+    it saw, instead of failing."""
+    folder = tmp_path / "extra_trainers"
+    folder.mkdir()
+    (folder / "nnUNetTrainerFedAvgDiverging.py").write_text(DIVERGING_TRAINER)
+    env = {**site_env, "env": {**site_env["env"], "nnUNet_extTrainer": str(folder)}}
+    rep = _audit(env, tmp_path, "diverged", "--audit-id", "982", "--canaries", "8", "-tr",
+                 "nnUNetTrainerFedAvgDiverging", "--rounds", "3", "--local-steps", "2")
+    assert rep["rounds"] == 3 and rep["rounds_completed"] == 1
+    assert "no valid update" in rep["stopped"] and "NaN" in rep["stopped"]
+    assert len(rep["canary_table"]) == 8 and all(np.isfinite(c["score"]) for c in rep["canary_table"])
+    with open(os.path.join(rep["model"], "fold_0", "federation_metrics.jsonl")) as f:
+        assert [json.loads(line)["round"] for line in f] == [0]
+    from nnunet_fed.privacy.audit import format_report
+
+    assert "training ended after 1 of 3 rounds" in format_report(rep)

@@ -266,7 +266,8 @@ class FederationServer:
                 self.log(f"site {site} did not write its final model: {why}")
             else:
                 self.log(f"site {site} wrote its final model")
-        path = write_global_model(self.cfg, self.template, self.global_arrays, self.fold_dir)
+        path = write_global_model(self.cfg, self.template, self.global_arrays, self.fold_dir,
+                                  self.run.rounds)
         self.metrics.plot()
         self.log(f"global model: {path}" if path else
                  "personalised trainer: no global model; each site's folder holds its personal model")

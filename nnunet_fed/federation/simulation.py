@@ -34,6 +34,7 @@ import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
 
 from nnunet_fed import sites as site_checks
+from nnunet_fed.federation.aggregation import NoValidUpdates
 from nnunet_fed.federation.augmentation_pool import AugmentationPool, pool_available
 from nnunet_fed.federation.records import MetricsLog, load_server_state, save_server_state
 from nnunet_fed.federation.trainer import nnUNetTrainerFederated, capture_rng_state, restore_rng_state
@@ -64,6 +65,10 @@ class SimulationConfig:
     strategy: str = "fedavg"  # the server's rule (nnunet_fed.federation.aggregation.STRATEGIES)
     strategy_options: dict = field(default_factory=dict)  # --strategy-option name=value (the Flower rule's settings)
     diagnose: bool = False  # record update norms and cosines between site updates in federation_metrics.jsonl
+    # a round without a valid update (every site's weights NaN/Inf, e.g. a model blown up by heavy server noise)
+    # ends the federation with the last committed global model instead of raising NoValidUpdates (the audit: a
+    # diverged model is what was released, and it is what gets audited)
+    end_without_valid_update: bool = False
     site_names: list = field(default_factory=list)  # filled in by the checks
 
     def resume_key(self) -> dict:
@@ -409,7 +414,8 @@ def global_model_folder(cfg: SimulationConfig) -> str:
                         f"{cfg.trainer}__{cfg.plans_identifier}__{cfg.configuration}")
 
 
-def write_global_model(cfg: SimulationConfig, site0: nnUNetTrainerFederated, global_arrays, fold_dir: str) -> str:
+def write_global_model(cfg: SimulationConfig, site0: nnUNetTrainerFederated, global_arrays, fold_dir: str,
+                       completed_rounds: int) -> str:
     """The global model as an nnU-Net results folder, so nnUNetv2_predict -d <federation> works unchanged.
 
     Personalised trainers (a sharing policy with local parameters) have no global model: its local layers
@@ -433,7 +439,7 @@ def write_global_model(cfg: SimulationConfig, site0: nnUNetTrainerFederated, glo
         "init_args": {**site0.my_init_kwargs, "plans": plans, "dataset_json": dataset_json},
         "trainer_name": site0.__class__.__name__,
         "inference_allowed_mirroring_axes": site0.inference_allowed_mirroring_axes,
-        "current_epoch": cfg.rounds,
+        "current_epoch": int(completed_rounds),
     }
     path = os.path.join(fold_dir, "checkpoint_final.pth")
     torch.save(checkpoint, path + ".tmp")
@@ -487,6 +493,7 @@ def _federate(cfg: SimulationConfig, trainer_cls, device: torch.device, fold_dir
 
         bar = tqdm(total=cfg.rounds * len(sites), initial=start_round * len(sites), unit="site-round",
                    desc="federated rounds", dynamic_ncols=True)
+    completed, stopped = start_round, None
     try:
         for r in range(start_round, cfg.rounds):
             t0 = time.time()
@@ -506,7 +513,16 @@ def _federate(cfg: SimulationConfig, trainer_cls, device: torch.device, fold_dir
                     yield upd
                     del upd  # folded into the running sum: do not hold it while the next site trains
 
-            global_arrays = strategy.aggregate(global_arrays, updates())
+            try:
+                global_arrays = strategy.aggregate(global_arrays, updates())
+            except NoValidUpdates as e:
+                if not cfg.end_without_valid_update:
+                    raise
+                stopped = f"round {r + 1}: {e}"
+                print(f"federation ended after {r}/{cfg.rounds} rounds with the last committed global model: "
+                      f"{stopped}")
+                break
+            completed = r + 1
             record = {"round": r, "sites": {u.site: {**u.metrics, "num_examples": u.num_examples}
                                             for u in strategy.accepted},
                       "rejected": [{"site": s, "reason": why} for s, why in strategy.rejected],
@@ -541,9 +557,11 @@ def _federate(cfg: SimulationConfig, trainer_cls, device: torch.device, fold_dir
             t.perform_actual_validation(False)
         gc.collect()  # nnU-Net's progress plot (matplotlib figures are reference cycles)
         site.retire()  # the next site's final step does not need this one's optimizer state
-    global_ckpt = write_global_model(cfg, sites[0].trainer, global_arrays, fold_dir)
+    global_ckpt = write_global_model(cfg, sites[0].trainer, global_arrays, fold_dir, completed)
     metrics.plot()
     return {
+        "completed_rounds": completed,
+        "stopped": stopped,  # why the federation ended before cfg.rounds (end_without_valid_update), else None
         "global_model_folder": global_model_folder(cfg),
         "global_checkpoint": global_ckpt,
         "site_folders": {s.name: s.trainer.output_folder for s in sites},

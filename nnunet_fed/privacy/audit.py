@@ -505,9 +505,11 @@ def run_audit(cfg: AuditConfig, output: str | None = None) -> dict:
     ds = make_audit_dataset(cfg, site_name)
     sim = dataclasses.replace(cfg.training, dataset_ids=[ds["name"]] + others, site_names=[],
                               federation_name=f"Dataset{ds['id']:03d}Audit_federation", seed=cfg.seed + 12345,
-                              final_validation=False, fresh=True,
+                              final_validation=False, fresh=True, end_without_valid_update=True,
                               trainer_options=dict(cfg.training.trainer_options))
     out = simulate(sim)
+    if out["completed_rounds"] == 0:
+        raise RuntimeError(f"the audited training released no model: {out['stopped']}")
     model = out["global_model_folder"]
     fold_dir = os.path.join(model, f"fold_{sim.fold}")
     scores = score_canaries(model, sim.fold, ds["canaries"], ds["data_folder"], ds["nonmember_folder"], sim.device)
@@ -520,6 +522,7 @@ def run_audit(cfg: AuditConfig, output: str | None = None) -> dict:
     report = {
         "site": site_name, "audit_dataset": ds["name"], "trainer": sim.trainer, "configuration": sim.configuration,
         "trainer_options": dict(sim.trainer_options), "rounds": sim.rounds, "local_steps": sim.local_steps,
+        "rounds_completed": out["completed_rounds"], "stopped": out["stopped"],
         "canaries": len(members), "members": int(sum(members)), "guesses": r, "correct": v,
         "canary_design": {"stamp_fraction": STAMP_FRACTION, "pattern_blocks": PATTERN_BLOCKS,
                           "label_blocks": LABEL_BLOCKS},
@@ -537,6 +540,10 @@ def run_audit(cfg: AuditConfig, output: str | None = None) -> dict:
     return report
 
 
+def _score(value) -> str:
+    return "none" if value is None else f"{value:.3f}"
+
+
 def format_report(rep: dict) -> str:
     """The report as printed by ``nnunet_fed audit``: guesses, bound, accounted epsilon and what their comparison
     means (a test with a false-alarm probability, not a proof)."""
@@ -551,12 +558,15 @@ def format_report(rep: dict) -> str:
         f"privacy audit of {rep['trainer']} at site {rep['site']} ({rep['canaries']} canaries, "
         f"{rep['members']} trained on)",
         f"  membership guesses: {rep['correct']} of {rep['guesses']} correct "
-        f"(mean score members {rep['mean_member_score']:.3f}, non-members {rep['mean_nonmember_score']:.3f})",
+        f"(mean score members {_score(rep['mean_member_score'])}, non-members {_score(rep['mean_nonmember_score'])})",
         f"  empirical epsilon lower bound ({rep['confidence']:.0%} confidence, delta {rep['delta']:g}): "
         f"{rep['epsilon_lower_bound']:.3f}",
         f"  accounted epsilon of one case: {'none (no differential privacy)' if acc is None else f'{acc:.3f}'}"
         f"{'' if acc is None else ' (' + source + ')'}",
     ]
+    if rep.get("stopped"):
+        lines.append(f"  training ended after {rep['rounds_completed']} of {rep['rounds']} rounds ({rep['stopped']}); "
+                     f"audited the last released global model")
     if acc is not None:
         lines.append(f"  p-value {rep['p_value']:.3g}: the probability of {rep['correct']} or more correct guesses "
                      f"if the accounted (epsilon, delta) holds")
