@@ -9,6 +9,11 @@ INSTALL_REQUIRES = [
     "torchvision>=0.29.2,<0.30",
     "opacus>=1.6,<1.7",
     "flwr>=1.41,<1.42",
+    # the Fleet gateway and certificates (nnunet_fed.deployment); Flower 1.41 depends on them too
+    "cryptography>=41",
+    "httpx>=0.27",
+    "starlette>=0.37",
+    "uvicorn>=0.29",
     "batchgenerators>=0.25.1",
     "SimpleITK>=2.3",
     "numpy>=1.26",

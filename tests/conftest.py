@@ -112,3 +112,19 @@ def dp_accounting_epsilon(report: dict) -> float:
         parts.append(dp_accounting.SelfComposedDpEvent(
             dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), int(n)))
     return float(RdpAccountant().compose(dp_accounting.ComposedDpEvent(parts)).get_epsilon(report["delta"]))
+
+
+def write_node_key(folder, name: str) -> tuple[str, str]:
+    """A SuperNode key pair as ``ssh-keygen -t ecdsa -b 384`` makes it: (private key path, public key path)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = os.path.join(folder, name), os.path.join(folder, name + ".pub")
+    with open(private, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                  serialization.NoEncryption()))
+    os.chmod(private, 0o600)
+    with open(public, "wb") as f:
+        f.write(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    return private, public

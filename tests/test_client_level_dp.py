@@ -214,6 +214,7 @@ def _retry_server(tmp_path, strategy, sites, rounds, min_sites, missing):
             self.node_sites = {i: s for i, s in enumerate(sites)}
             self.refused, self.template, self.global_arrays = {}, Template(), None
             self.attempts, self.discarded = {}, []
+            self.federation = "DatasetFed_retry-0"
 
         def wait_for_sites(self):
             return list(self.node_sites)

@@ -27,13 +27,32 @@ def _free_port():
 
 
 class Federation:
-    """nnunet_fed server + site join processes, each in its own process group; all ended by close()."""
+    """nnunet_fed server + site join processes, each in its own process group; all ended by close().
 
-    def __init__(self, site_env, tmp_path, name=FED):
+    ``secure``: TLS (a CA and a certificate for 127.0.0.1 made here), node authentication with a key pair per
+    site, and the server on every interface (``--host 0.0.0.0``), as a hospital runs it; else ``--insecure``."""
+
+    def __init__(self, site_env, tmp_path, name=FED, secure=False):
         self.env = {**os.environ, **site_env["env"], "nnUNet_n_proc_DA": "0"}
         self.tmp, self.name, self.port = tmp_path, name, _free_port()
         self.procs: dict[str, subprocess.Popen] = {}
         self.fold = os.path.join(site_env["results"], name, f"{TRAINER}__nnUNetPlans__2d", "fold_0")
+        self.secure, self.node_keys = secure, {}
+        if secure:
+            from conftest import write_node_key
+            from nnunet_fed.deployment.launch import write_certificates
+
+            self.tls = write_certificates(str(tmp_path / "operator_tls"))
+            self.node_keys = {str(d): write_node_key(str(tmp_path), f"site{d}") for d in site_env["ids"]}
+
+    def tls_args(self, side, dataset=None, private_key=None):
+        if not self.secure:
+            return ["--insecure"]
+        if side == "server":
+            return ["--host", "0.0.0.0", "--ssl-certfile", self.tls.certfile, "--ssl-keyfile", self.tls.keyfile,
+                    "--auth-supernode-keys", *[pub for _, pub in self.node_keys.values()]]
+        return ["--root-certificates", self.tls.ca_certfile, "--auth-supernode-private-key",
+                private_key or self.node_keys[str(dataset)][0]]
 
     def _start(self, key, args, env=None):
         log = open(self.tmp / f"{key}.log", "ab")
@@ -45,14 +64,14 @@ class Federation:
     def server(self, rounds, *extra, key="server"):
         return self._start(key, nnunet_fed_cmd() + [
             "server", "--rounds", str(rounds), "-c", "2d", "-tr", TRAINER, "--local-steps", "2", "--val-steps", "1",
-            "--no-val", "--insecure", "--port", str(self.port), "--federation-name", self.name, *extra])
+            "--no-val", *self.tls_args("server"), "--port", str(self.port), "--federation-name", self.name, *extra])
 
     def join(self, dataset, key=None):
         key = key or f"site{dataset}"
         env = {**self.env, "FLWR_HOME": str(self.tmp / f"flwr_{key}")}
         return self._start(key, nnunet_fed_cmd() + [
             "site", "join", "--superlink", f"127.0.0.1:{self.port}", "-d", str(dataset), "-c", "2d", "-tr", TRAINER,
-            "--device", "cpu", "--insecure"], env)
+            "--device", "cpu", *self.tls_args("site", dataset)], env)
 
     def kill(self, key, sig=signal.SIGKILL):
         proc = self.procs[key]
@@ -154,25 +173,129 @@ def test_site_killed_mid_round_then_rejoins(site_env, federation):
     for name in site_env["names"]:  # no lost checkpoints: every site has its final model and its round state
         fold = _site_fold(site_env, name)
         assert os.path.isfile(os.path.join(fold, "checkpoint_final.pth")), name
-        assert os.path.isfile(os.path.join(fold, "federated_rounds", "round_0001.pth")), name
+        with open(os.path.join(fed.fold, "federation_id")) as f:  # each federation's states apart at a site
+            own = f"{fed.name}-{f.read().strip()}"
+        assert os.path.isfile(os.path.join(fold, "federated_rounds", own, "round_0001.pth")), name
     ck = torch.load(os.path.join(_site_fold(site_env, victim_name), "checkpoint_final.pth"), map_location="cpu",
                     weights_only=False)
     assert len(ck["logging"]["lrs"]) == 2  # the missed round is filled in; the LR schedule follows the federation
 
 
-def test_server_killed_and_restarted_resumes_then_nnunet_predict(site_env, federation, tmp_path):
-    """Two sites, two rounds on Flower; the server (SuperLink, ServerApp) is killed during round 2 and started
-    again: it resumes after the committed round (with the server optimiser's state: Flower's FedAvgM), every round
-    trains exactly once at each site, every site ends with the global parameters, and nnUNetv2_predict runs on the
-    global model in nnU-Net's layout."""
+def _process_group(pgid: int) -> list[int]:
+    found = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[2]) == pgid:
+                        found.append(int(d))
+            except (OSError, ValueError, IndexError):
+                pass
+    return found
+
+
+def _tcp_listeners(pids) -> set[tuple[str, int]]:
+    """(address, port) of every listening TCP socket the processes hold (Linux /proc)."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            pass
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if cols[3] == "0A" and cols[9] in inodes:  # LISTEN
+                    host, port = cols[1].rsplit(":", 1)
+                    addr = ".".join(str(int(host[i:i + 2], 16)) for i in (6, 4, 2, 0)) if len(host) == 8 else \
+                        ("::" if set(host) == {"0"} else "::1" if host.endswith("01000000") else host)
+                    found.add((addr, int(port, 16)))
+    return found
+
+
+def _check_admission(fed, site_env, tmp_path) -> dict:
+    """An outsider holding the CA certificate every site has, at every port the server machine opens beyond
+    loopback: cannot register a node key, list runs or join with its own key. Returns the server's processes."""
+    from conftest import write_node_key
+    from nnunet_fed.deployment.launch import write_connection
+
+    with open(os.path.join(fed.fold, "flower", "processes.json")) as f:
+        procs = {k: v["pid"] for k, v in json.load(f).items()}
+    groups = {pid for name in ("superlink", "gateway") for pid in _process_group(procs[name])}
+    listeners = _tcp_listeners(groups | {procs["server"]})
+    public = {(a, p) for a, p in listeners if a not in ("127.0.0.1", "::1")}
+    assert public == {("0.0.0.0", fed.port)}, listeners  # only the gateway is reachable from other machines
+    _, foreign_pub = write_node_key(str(tmp_path), "outsider")
+    home = str(tmp_path / "outsider_home")
+    write_connection(home, f"127.0.0.1:{fed.port}", fed.tls)
+    outsider = {**fed.env, "FLWR_HOME": home}
+    for cmd in (["supernode", "register", foreign_pub, "nnunet_fed"], ["ls", "nnunet_fed"],
+                ["supernode", "list", "nnunet_fed"]):
+        proc = subprocess.run(["flwr", *cmd], env=outsider, capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 or '"success": false' in proc.stdout, (cmd, proc.stdout, proc.stderr)
+    own = subprocess.run(["flwr", "supernode", "list", "nnunet_fed", "--format", "json"], capture_output=True,
+                         text=True, env={**fed.env, "FLWR_HOME": os.path.join(fed.fold, "flower", "home")})
+    nodes = json.loads(own.stdout[own.stdout.index("{"):])["nodes"]
+    assert len([n for n in nodes if n["status"] != "unregistered"]) == len(fed.node_keys)  # no node added
+    # a SuperNode with a key of its own, for a real dataset: refused at connection
+    foreign, _ = write_node_key(str(tmp_path), "outsider_node")
+    env = {**fed.env, "FLWR_HOME": str(tmp_path / "flwr_outsider")}
+    node = fed._start("outsider", nnunet_fed_cmd() + [
+        "site", "join", "--superlink", f"127.0.0.1:{fed.port}", "-d", site_env["ids"][2], "-c", "2d", "-tr",
+        TRAINER, "--device", "cpu", *fed.tls_args("site", private_key=foreign)], env)
+    assert node.wait(180) != 0, fed.log("outsider")
+    return {**procs, "groups": groups}
+
+
+def test_superlink_failure_stops_the_server_and_is_in_its_log(site_env, federation):
+    """The SuperLink dies while the server waits for sites: nnunet_fed server does not hang on the run; it exits
+    with an error, and federation_server.log says what ended and where its log is."""
     fed = federation
+    fed.server(1, "--min-sites", "1")
+    fed.wait(lambda: re.search(r"^run \d+:", fed.log("server"), re.M), 120, "run submitted")
+    with open(os.path.join(fed.fold, "flower", "processes.json")) as f:
+        superlink = json.load(f)["superlink"]["pid"]
+    os.killpg(superlink, signal.SIGKILL)
+    assert fed.procs["server"].wait(60) == 1
+    log = fed.server_log()
+    assert "SuperLink exited with code" in log and "superlink.log" in log, log
+
+
+def test_server_killed_and_restarted_resumes_then_nnunet_predict(site_env, tmp_path):
+    """Two sites, two rounds on Flower with TLS and node authentication, the server on every interface; an outsider
+    with the CA certificate cannot register a key, list runs or join (only the Fleet gateway is reachable beyond
+    loopback). The server process is killed (SIGKILL, as `kill -9`) during round 2 and started again with the same
+    command: its SuperLink did not outlive it, the node keys are taken on the first try, it resumes after the
+    committed round (with the server optimiser's state: Flower's FedAvgM), every round trains exactly once at each
+    site, every site ends with the global parameters, and nnUNetv2_predict runs on the global model."""
+    fed = Federation(site_env, tmp_path, secure=True)
+    try:
+        _killed_and_restarted(fed, site_env, tmp_path)
+    finally:
+        fed.close()
+
+
+def _killed_and_restarted(fed, site_env, tmp_path):
     args = ("--min-sites", "2", "--round-timeout", "300", "--strategy", "fedavgm",
             "--strategy-option", "server_momentum=0.5")
     fed.server(2, *args)
+    fed.wait(lambda: "sites join with" in fed.log("server"), 120, "server up")
     for d in site_env["ids"][:2]:
         fed.join(d)
+    first = _check_admission(fed, site_env, tmp_path)
     fed.wait(lambda: _committed_rounds(fed.fold) >= 1, 300, "round 1 committed")
-    fed.kill("server")  # SuperLink, ServerApp and flwr: the whole server process group
+    os.kill(fed.procs["server"].pid, signal.SIGKILL)  # the server process alone
+    fed.procs["server"].wait(30)
+    deadline = time.time() + 30
+    while any(os.path.isdir(f"/proc/{first[n]}") for n in ("superlink", "gateway")) and time.time() < deadline:
+        time.sleep(0.5)
+    for n in ("superlink", "gateway"):  # they do not serve on without the server
+        assert not os.path.isdir(f"/proc/{first[n]}") or open(f"/proc/{first[n]}/stat").read().split()[2] == "Z", n
     from nnunet_fed.federation.records import load_server_state
 
     committed = load_server_state(fed.fold)
@@ -180,13 +303,16 @@ def test_server_killed_and_restarted_resumes_then_nnunet_predict(site_env, feder
     assert committed["strategy_state"]["server_round"] == 1 and committed["strategy_state"]["momentum_vector"]
     assert not os.path.isfile(os.path.join(fed.fold, "checkpoint_final.pth"))
 
-    fed.server(2, *args, key="server2")
+    fed.server(2, *args, key="server2")  # the same command
     deadline = time.time() + 60
     while f"resuming after round {committed['completed_rounds']}" not in fed.server_log() and time.time() < deadline:
         time.sleep(0.5)
     assert f"resuming after round {committed['completed_rounds']}" in fed.server_log()
     fed.wait_server("server2")
     assert f"nnUNetv2_predict -d {FED}" in fed.log("server2")
+    assert "already in use" not in fed.log("server2")
+    assert not _process_group(first["superlink"]) and not _process_group(first["gateway"])  # nothing of the first
+    # server's Flower processes (the ServerApp runs in the SuperLink's group) is left
 
     rows = fed.metrics()
     sites = set(site_env["names"][:2])

@@ -361,12 +361,13 @@ def test_server_prints_commands_that_parse():
     from nnunet_fed.federation.commands import predict_command
 
     join = site_join_command(port=9092, configuration="2d", trainer="nnUNetTrainerFedADP", plans="nnUNetFedPlans",
-                             insecure=False)
+                             insecure=False, fold="all")
     argv = shlex.split(join.replace("<this host>", "server.example.org").replace("<dataset>", "101")
                        .replace("<ca.pem>", "ca.pem"))
     assert argv[0] == "nnunet_fed"
     args = build_parser().parse_args(argv[1:])
-    assert (args.plans, args.trainer, args.configuration) == ("nnUNetFedPlans", "nnUNetTrainerFedADP", "2d")
+    assert (args.plans, args.trainer, args.configuration, args.fold) == \
+        ("nnUNetFedPlans", "nnUNetTrainerFedADP", "2d", "all")
     cmd = predict_command("DatasetFed_flower", "nnUNetTrainerFedADP", "nnUNetFedPlans", "2d", 0, device="cpu")
     argv = shlex.split(cmd)
     assert argv[0].startswith("nnUNet_extTrainer=") and argv[1] == "nnUNetv2_predict"

@@ -18,9 +18,10 @@ def _tls_args(p: argparse.ArgumentParser, side: str) -> None:
     p.add_argument("--insecure", action="store_true",
                    help="no TLS: traffic is not encrypted; only for a test on one machine")
     if side == "server":
-        p.add_argument("--ssl-certfile", help="SuperLink TLS certificate (PEM)")
-        p.add_argument("--ssl-keyfile", help="SuperLink TLS private key (PEM)")
-        p.add_argument("--ssl-ca-certfile", help="CA certificate that signed the SuperLink certificate (PEM)")
+        p.add_argument("--ssl-certfile", help="TLS certificate the sites verify (PEM); its names must cover the "
+                                              "address the sites connect to")
+        p.add_argument("--ssl-keyfile", help="its private key (PEM)")
+        p.add_argument("--ssl-ca-certfile", help="CA certificate that signed it (PEM; optional, the sites need it)")
         p.add_argument("--auth-supernode-keys", nargs="+", default=None, metavar="PUBLIC_KEY",
                        help="node authentication: only SuperNodes holding the private key of one of these public "
                             "keys (OpenSSH format) may connect")
@@ -72,6 +73,14 @@ def cmd_server(args) -> int:
     for key in args.auth_supernode_keys or []:
         if not os.path.isfile(key):
             raise site_checks.FederationSetupError(f"public key {key} does not exist")
+    if args.auth_supernode_keys and tls.insecure:
+        raise site_checks.FederationSetupError("--auth-supernode-keys needs TLS (a node's signed headers would "
+                                               "travel in the clear); drop --insecure")
+    if not tls.insecure and args.host not in ("0.0.0.0", "", "::"):
+        try:  # the sites verify the certificate against the address they connect to
+            launch.require_certificate_covers(tls.certfile, args.host, "nnunet_fed server --host")
+        except launch.LaunchError as e:
+            raise site_checks.FederationSetupError(str(e)) from None
 
     cfg = SimulationConfig(dataset_ids=[], configuration=run.configuration, trainer=run.trainer,
                            plans_identifier=run.plans, federation_name=run.federation_name)
@@ -92,40 +101,69 @@ def cmd_server(args) -> int:
         if state is not None:
             print(f"resuming {run.federation_name} after round {state['completed_rounds']}/{run.rounds}")
     flwr_home = os.path.join(work, "home")
+    os.makedirs(work, exist_ok=True)
+    processes = os.path.join(work, "processes.json")
+    try:
+        for what in launch.stop_leftovers(processes):
+            print(f"stopped {what} left running by an earlier nnunet_fed server of this federation", flush=True)
+    except launch.LaunchError as e:
+        raise site_checks.FederationSetupError(str(e)) from None
     port = args.port or launch.free_port(args.host if args.host not in ("0.0.0.0", "") else "127.0.0.1")
-    address = f"{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{port}"
-    launch.write_connection(flwr_home, address, tls)
+    # the SuperLink (Fleet, Control and runtime APIs on one port) listens on loopback only, with its own TLS;
+    # the sites reach it through the Fleet-API-only gateway on --host:--port (nnunet_fed.deployment.gateway)
+    link_port = launch.free_port("127.0.0.1")
+    link_tls = launch.TLS(insecure=True) if tls.insecure else launch.write_loopback_tls(os.path.join(work, "tls"))
+    launch.write_connection(flwr_home, f"127.0.0.1:{link_port}", link_tls)
     run_config = launch.write_run_config(os.path.join(work, "run_config.toml"), run.to_run_config())
 
     _on_signal_exit()
     env = {**os.environ, "FLWR_HOME": flwr_home}
+    server_log = os.path.join(fold_dir, "federation_server.log")
+    relays = [launch.ErrorRelay(os.path.join(work, f"{n.lower()}.log"), server_log, n) for n in ("SuperLink", "gateway")]
     superlink = launch.FlowerProcess("SuperLink", launch.superlink_command(
-        args.host, port, tls, database=os.path.join(work, "superlink.db"),
-        supernode_auth=bool(args.auth_supernode_keys)), os.path.join(work, "superlink.log"), env=env,
-        new_session=False)
+        "127.0.0.1", link_port, link_tls, database=os.path.join(work, "superlink.db"),
+        supernode_auth=bool(args.auth_supernode_keys)), os.path.join(work, "superlink.log"), env=env)
+    gateway = None
     try:
-        launch.wait_for_port(args.host, port, 120, superlink)
+        launch.write_process_record(processes, server=os.getpid(), superlink=superlink.pid)
+        launch.wait_for_port("127.0.0.1", link_port, 120, superlink)
+        gateway = launch.FlowerProcess("gateway", launch.gateway_command(args.host, port, link_port, tls, link_tls),
+                                       os.path.join(work, "gateway.log"), env=env)
+        launch.write_process_record(processes, server=os.getpid(), superlink=superlink.pid, gateway=gateway.pid)
+        launch.wait_for_port(args.host, port, 60, gateway)
         if args.auth_supernode_keys:
-            launch.register_supernode_keys(flwr_home, [os.path.abspath(k) for k in args.auth_supernode_keys])
-        join = site_join_command(port, run.configuration, run.trainer, run.plans, tls.insecure)
-        print(f"SuperLink listening on {args.host}:{port} (log: {superlink.log_path}); sites join with:\n  {join}",
-              flush=True)
+            launch.sync_supernode_keys(flwr_home, [os.path.abspath(k) for k in args.auth_supernode_keys],
+                                       os.path.join(work, "supernode_keys.json"))
+        join = site_join_command(port, run.configuration, run.trainer, run.plans, tls.insecure, run.fold)
+        print(f"sites connect to {args.host}:{port} (Fleet API only; SuperLink on 127.0.0.1:{link_port}, log: "
+              f"{superlink.log_path}); sites join with:\n  {join}", flush=True)
         run_id = launch.submit_run(flwr_home, run_config)
         print(f"run {run_id}: {run.rounds} round(s), min-sites {run.min_sites}, federation {run.federation_name}",
               flush=True)
-        launch.stream_logs(flwr_home, run_id)
+        launch.follow_run(flwr_home, run_id, [superlink, gateway], relays)
         status = launch.run_status(flwr_home, run_id)
     except launch.LaunchError as e:
+        for r in relays:
+            r.copy_new()
+        for p in (superlink, gateway):  # the cause, when a Flower process died under a later step
+            if p is not None and p.poll() is not None and f"{p.name} exited" not in str(e):
+                e = launch.LaunchError(f"{p.name} exited with code {p.poll()}; see {p.log_path}; then: {e}")
         print(f"nnunet_fed server: error: {e}", file=sys.stderr)
+        _log_line(fold_dir, f"nnunet_fed server stopped: {e}")
         return 1
     except KeyboardInterrupt:
         print("nnunet_fed server: interrupted; run the same command again to resume after the last completed "
               "round", file=sys.stderr)
         return 130
     finally:
+        if gateway is not None:
+            gateway.stop()
         superlink.stop()
+        if os.path.isfile(processes):
+            os.remove(processes)
     ckpt = os.path.join(fold_dir, "checkpoint_final.pth")
     if not status.endswith("completed"):
+        _log_line(fold_dir, f"the run ended with status {status!r}")
         print(f"nnunet_fed server: the run ended with status {status!r}; see "
               f"{os.path.join(fold_dir, 'federation_server.log')} and {superlink.log_path}", file=sys.stderr)
         return 1
@@ -142,12 +180,20 @@ def cmd_server(args) -> int:
     return 0
 
 
-def site_join_command(port: int, configuration: str, trainer: str, plans: str, insecure: bool) -> str:
+def _log_line(fold_dir: str, text: str) -> None:
+    import time
+
+    os.makedirs(fold_dir, exist_ok=True)
+    with open(os.path.join(fold_dir, "federation_server.log"), "a") as f:
+        f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + f"[nnunet_fed server] {text}\n")
+
+
+def site_join_command(port: int, configuration: str, trainer: str, plans: str, insecure: bool, fold="0") -> str:
     """The ``nnunet_fed site join`` a site runs to join this server (``<this host>``, ``<dataset>`` and
     ``<ca.pem>`` are for the site to fill in); its plans, configuration and trainer are the server's."""
     tls = "--insecure" if insecure else "--root-certificates <ca.pem>"
     return (f"nnunet_fed site join --superlink <this host>:{port} -d <dataset> -c {configuration} -tr {trainer} "
-            f"-p {plans} {tls}")
+            f"-p {plans} -f {fold} {tls}")
 
 
 def cmd_site_join(args) -> int:
@@ -156,12 +202,15 @@ def cmd_site_join(args) -> int:
     site_checks.require_nnunet_paths()
     name = site_checks.dataset_name(args.dataset)
     plans = site_checks.check_preprocessed(name, args.plans, args.configuration)
-    site_checks.find_trainer(args.trainer)  # also puts the nnunet_fed trainers on nnUNet_extTrainer
+    trainer_cls = site_checks.find_trainer(args.trainer)  # also puts the nnunet_fed trainers on nnUNet_extTrainer
     from nnunet_fed.site_data import verify_preprocessed_labels
 
     dataset_json = site_checks.read_json(os.path.join(os.environ["nnUNet_preprocessed"], name, "dataset.json"),
                                          f"site {name}: dataset.json")
     verify_preprocessed_labels(name, plans, args.configuration, dataset_json)  # every case's label values
+    from nnunet_fed.cli import parse_fold
+
+    trainer_cls.check_site_split(name, plans, args.configuration, parse_fold(args.fold))  # again at setup
     tls = launch.TLS(insecure=args.insecure, ca_certfile=args.root_certificates)
     try:
         tls.check("site")
@@ -169,6 +218,11 @@ def cmd_site_join(args) -> int:
         raise site_checks.FederationSetupError(str(e)) from None
     if args.auth_supernode_private_key and not os.path.isfile(args.auth_supernode_private_key):
         raise site_checks.FederationSetupError(f"private key {args.auth_supernode_private_key} does not exist")
+    if not tls.insecure:
+        try:  # a certificate whose names do not cover the address: said here, not as Flower's "unavailable"
+            launch.check_tls_endpoint(args.superlink, tls.ca_certfile)
+        except launch.LaunchError as e:
+            raise site_checks.FederationSetupError(f"site {name}: {e}") from None
     node_config = {"dataset": name, "configuration": args.configuration, "trainer": args.trainer}
     if args.device:
         node_config["device"] = args.device
@@ -239,6 +293,8 @@ def add_deployment_commands(subparsers) -> None:
     p.add_argument("--superlink", required=True, help="the server's address, HOST:PORT")
     p.add_argument("-d", "--dataset", required=True, help="this site's dataset ID or name")
     p.add_argument("-c", "--configuration", required=True, help="nnU-Net configuration (must match the server's)")
+    p.add_argument("-f", "--fold", default="0", help="the server's fold, to check this site's split before joining "
+                                                     "(checked again with the run's settings at setup)")
     p.add_argument("-tr", "--trainer", default="nnUNetTrainerFedAvg", help="trainer (must match the server's)")
     p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (checked before joining)")
     p.add_argument("--device", default=None, choices=["cuda", "cpu", "mps"], help="default: cuda if available")

@@ -10,12 +10,21 @@ loading) next to the training time (``seconds``).
 
 Site settings come from the SuperNode's node config (``dataset``, ``configuration``, ``trainer``, ``device``),
 the federation's from the run config; a site refuses a run whose trainer or configuration differ from its own.
+
+Several federations can use one site with the same trainer and plans (nnU-Net's one results folder per dataset,
+trainer, plans and configuration). Each message names its federation (``federation``: name and a random id made at
+the server's first start); the site keeps that federation's round states in ``federated_rounds/<federation>/``
+and never continues from another's. The folder's outputs (final checkpoint, privacy report and ledger, logs)
+belong to the federation that last trained there (``federation.json``): when another one starts training, they
+are moved to ``earlier_federations/<federation>/`` and that federation's own earlier outputs, if any, come back,
+so nothing one federation wrote is overwritten by another.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 
@@ -33,6 +42,12 @@ from nnunet_fed.federation.trainer import RELEASED_UPDATE_KEY
 from nnunet_fed.federation.update import Update, shared_dataset_json
 
 FEDERATED_LOG = "training_log_federated.txt"
+FEDERATION_RECORD = "federation.json"  # which federation the outputs in a site's results folder belong to
+EARLIER_FEDERATIONS = "earlier_federations"
+
+
+def _folder_name(federation: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", federation)[:120] or "unnamed"
 
 
 def _process_age() -> float:
@@ -77,7 +92,11 @@ class DeployedSite:
         self.name = site_checks.dataset_name(dataset)
         site_checks.check_preprocessed(self.name, run.plans, run.configuration)
         with open(os.path.join(os.environ["nnUNet_preprocessed"], self.name, run.plans + ".json")) as f:
-            self.trainer_cls.check_site_setup(self.name, json.load(f), run.trainer_options)
+            plans = json.load(f)
+        # simulate's per-site checks with the run's trainer options and fold (labels are checked at site join);
+        # a failure is the setup reply's error, which the server logs as why the site cannot take part
+        self.trainer_cls.check_site_setup(self.name, plans, run.trainer_options)
+        self.trainer_cls.check_site_split(self.name, plans, run.configuration, run.fold_value())
         device = str(node_config.get("device", "") or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.device = torch.device(device)
         self.cfg = SimulationConfig(dataset_ids=[self.name], configuration=run.configuration, trainer=run.trainer,
@@ -86,10 +105,53 @@ class DeployedSite:
                                     fedprox_mu=run.fedprox_mu, seed=run.seed, progress=True,
                                     trainer_options=dict(run.trainer_options), site_names=[self.name])
         self.trainer = None
+        self.federation = ""  # set from each train/finish message (empty: a server that does not name it)
 
     # ------------------------------------------------------------------ state files
+    def site_folder(self) -> str:
+        """The site's nnU-Net results folder of this trainer, plans, configuration and fold."""
+        from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+        return get_output_folder(self.name, self.run.trainer, self.run.plans, self.run.configuration,
+                                 self.run.fold_value())
+
     def state_dir(self) -> str:
-        return os.path.join(self.trainer.output_folder, ROUND_STATE_DIR)
+        root = os.path.join(self.site_folder(), ROUND_STATE_DIR)
+        return os.path.join(root, _folder_name(self.federation)) if self.federation else root
+
+    def claim_folder(self) -> None:
+        """Before this federation writes in the site's results folder: if another federation's outputs are there,
+        move them to ``earlier_federations/<it>/`` and bring this federation's own back from there."""
+        folder = self.site_folder()
+        os.makedirs(folder, exist_ok=True)
+        record = os.path.join(folder, FEDERATION_RECORD)
+        owner = None
+        if os.path.isfile(record):
+            with open(record) as f:
+                owner = json.load(f).get("federation")
+        if owner == self.federation:
+            return
+        keep = {ROUND_STATE_DIR, EARLIER_FEDERATIONS, FEDERATION_RECORD}
+        outputs = [e for e in os.listdir(folder) if e not in keep]
+        if outputs:
+            dest = os.path.join(folder, EARLIER_FEDERATIONS,
+                                _folder_name(owner) if owner else time.strftime("unrecorded_%Y%m%d_%H%M%S"))
+            while os.path.exists(dest):
+                dest += "_"
+            os.makedirs(dest)
+            for e in outputs:
+                os.replace(os.path.join(folder, e), os.path.join(dest, e))
+            print(f"site {self.name}: {folder} held the results of "
+                  f"{'federation ' + owner if owner else 'an earlier run'}: moved to {dest}", file=sys.stderr,
+                  flush=True)
+        mine = os.path.join(folder, EARLIER_FEDERATIONS, _folder_name(self.federation))
+        if self.federation and os.path.isdir(mine):
+            for e in os.listdir(mine):
+                os.replace(os.path.join(mine, e), os.path.join(folder, e))
+            os.rmdir(mine)
+        with open(record + ".tmp", "w") as f:
+            json.dump({"federation": self.federation}, f)
+        os.replace(record + ".tmp", record)
 
     def state_file(self, round_index: int) -> str:
         return round_state_file(self.state_dir(), round_index)
@@ -110,6 +172,7 @@ class DeployedSite:
         t0 = time.time()
         previous = None
         self.trainer = None
+        self.claim_folder()
         seed_everything(site_seed(self.run.seed, self.name))
         if self.device.type == "cpu":
             torch.set_num_threads(os.cpu_count() or 1)
@@ -155,11 +218,7 @@ class DeployedSite:
     def released_before(self, round_index: int, digest: str) -> Update | None:
         """The update this site already sent for ``round_index`` from the same global model (the server repeats
         a round that too few sites answered): sent again, it releases nothing new. None if there is none."""
-        from nnunetv2.utilities.file_path_utilities import get_output_folder
-
-        folder = get_output_folder(self.name, self.run.trainer, self.run.plans, self.run.configuration,
-                                   self.run.fold_value())
-        attempt = round_state_file(os.path.join(folder, ROUND_STATE_DIR), round_index)
+        attempt = round_state_file(self.state_dir(), round_index)
         if not os.path.isfile(attempt):
             return None
         state = torch.load(attempt, map_location="cpu", weights_only=False)  # the site's own file
@@ -172,8 +231,9 @@ class DeployedSite:
                       metrics=dict(record["metrics"]))
 
     # ------------------------------------------------------------------ messages
-    def train(self, round_index: int, global_arrays) -> Update:
+    def train(self, round_index: int, global_arrays, federation: str = "") -> Update:
         process_seconds = _process_age()
+        self.federation = federation
         digest = arrays_digest(global_arrays)
         again = self.released_before(round_index, digest)
         if again is not None:
@@ -199,7 +259,8 @@ class DeployedSite:
             t.release_dataloaders()
         return update
 
-    def finish(self, global_arrays, final_validation: bool) -> dict:
+    def finish(self, global_arrays, final_validation: bool, federation: str = "") -> dict:
+        self.federation = federation
         self.build(self.run.rounds)
         t = self.trainer
         t.finish_federation(global_arrays)
@@ -234,7 +295,7 @@ def setup(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     site = _site(context)
     global_arrays, config = msgs.read_global(msg)
-    update = site.train(int(config["round"]), global_arrays)
+    update = site.train(int(config["round"]), global_arrays, str(config.get("federation", "")))
     print(f"site {site.name}: round {int(config['round']) + 1}/{site.run.rounds} sent "
           f"({len(update.arrays)} shared arrays; setup {site.timings['setup_seconds']:.1f} s, "
           f"training {site.timings['seconds']:.1f} s)", file=sys.stderr, flush=True)
@@ -245,7 +306,7 @@ def train(msg: Message, context: Context) -> Message:
 def finish(msg: Message, context: Context) -> Message:
     site = _site(context)
     global_arrays, config = msgs.read_global(msg)
-    metrics = site.finish(global_arrays, bool(config.get("final-validation", True)))
+    metrics = site.finish(global_arrays, bool(config.get("final-validation", True)), str(config.get("federation", "")))
     print(f"site {site.name}: final model written", file=sys.stderr, flush=True)
     return Message(RecordDict({msgs.SITE: ConfigRecord({"name": site.name}), msgs.METRICS: MetricRecord(metrics)}),
                    reply_to=msg)

@@ -6,10 +6,14 @@ written to a private Flower home (``FLWR_HOME``), so the user's ``~/.flwr/config
 """
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import json
 import os
+import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -61,16 +65,154 @@ class TLS:
     def check(self, side: str) -> None:
         if self.insecure:
             return
-        needed = {"server": ("certfile", "keyfile", "ca_certfile"), "site": ("ca_certfile",)}[side]
+        needed = {"server": ("certfile", "keyfile"), "site": ("ca_certfile",)}[side]
         missing = [n for n in needed if not getattr(self, n)]
         if missing:
             flags = ", ".join("--ssl-" + n.replace("_", "-") if n != "ca_certfile" else
                               ("--ssl-ca-certfile" if side == "server" else "--root-certificates") for n in missing)
             raise LaunchError(f"TLS needs {flags} (see README: TLS and node authentication), or --insecure for a "
                               f"test on one machine")
-        for n in needed:
+        for n in needed + (("ca_certfile",) if side == "server" and self.ca_certfile else ()):
             if not os.path.isfile(getattr(self, n)):
                 raise LaunchError(f"TLS file {getattr(self, n)} does not exist")
+
+
+# ---------------------------------------------------------------------- certificates
+def certificate_names(certfile: str) -> tuple[list[str], list[str]]:
+    """The DNS names and IP addresses a PEM certificate is valid for (its subject alternative names, else its
+    common name as a DNS name)."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    with open(certfile, "rb") as f:
+        cert = x509.load_pem_x509_certificate(f.read())
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        return list(san.get_values_for_type(x509.DNSName)), \
+            [str(a) for a in san.get_values_for_type(x509.IPAddress)]
+    except x509.ExtensionNotFound:
+        return [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)], []
+
+
+def certificate_covers(certfile: str, host: str) -> bool:
+    """Whether TLS host-name verification of ``host`` (a name or an IP address) passes for ``certfile``
+    (RFC 6125: an IP against the IP entries, a name against the DNS entries, ``*`` for one leftmost label)."""
+    dns, ips = certificate_names(certfile)
+    try:
+        return ipaddress.ip_address(host) in {ipaddress.ip_address(i) for i in ips}
+    except ValueError:
+        pass
+    host = host.lower().rstrip(".")
+    for name in (n.lower().rstrip(".") for n in dns):
+        if name == host or (name.startswith("*.") and "." in host and host.split(".", 1)[1] == name[2:]):
+            return True
+    return False
+
+
+def require_certificate_covers(certfile: str, host: str, what: str) -> None:
+    """Raise :class:`LaunchError` naming the certificate's names when they do not cover ``host``."""
+    if not certificate_covers(certfile, host):
+        dns, ips = certificate_names(certfile)
+        names = ", ".join([f"DNS:{n}" for n in dns] + [f"IP:{i}" for i in ips]) or "none"
+        raise LaunchError(f"{what}: the certificate {certfile} is not valid for {host!r} (its names: {names}); "
+                          f"make one whose subjectAltName contains {'IP' if _is_ip(host) else 'DNS'}:{host} "
+                          f"(README: TLS and node authentication)")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def check_tls_endpoint(address: str, ca_certfile: str, timeout: float = 10.0) -> None:
+    """A site's check before its SuperNode starts: the TLS handshake with ``address`` (HOST:PORT) verifies
+    against ``ca_certfile`` and the certificate covers HOST. Raises :class:`LaunchError` naming the certificate's
+    names or the verification error; an address that does not answer yet passes (the SuperNode keeps trying)."""
+    host, port = address.rsplit(":", 1)
+    host = host.strip("[]")
+    context = ssl.create_default_context(cafile=ca_certfile)
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+            with context.wrap_socket(sock, server_hostname=host):
+                return
+    except ssl.SSLCertVerificationError as e:
+        detail = e.verify_message or str(e)
+        peer = _peer_certificate(host, int(port), timeout)
+        names = ""
+        if peer is not None:
+            dns, ips = peer
+            names = f" (the server's certificate names: " \
+                    f"{', '.join([f'DNS:{n}' for n in dns] + [f'IP:{i}' for i in ips]) or 'none'})"
+        raise LaunchError(f"TLS to {address} fails verification with {ca_certfile}: {detail}{names}") from None
+    except (OSError, ssl.SSLError):
+        return  # not up yet, or not reachable from here: the SuperNode retries and says so
+
+
+def _peer_certificate(host: str, port: int, timeout: float):
+    from cryptography import x509
+
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # only to read the names it presents
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            with context.wrap_socket(sock, server_hostname=host) as tls:
+                cert = x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        return list(san.get_values_for_type(x509.DNSName)), [str(a) for a in san.get_values_for_type(x509.IPAddress)]
+    except Exception:  # noqa: BLE001 - only a hint in an error message
+        return None
+
+
+def write_loopback_tls(folder: str) -> TLS:
+    """A fresh CA and certificate for 127.0.0.1 / localhost in ``folder``: the TLS of the SuperLink on loopback,
+    which the gateway, ``flwr`` commands and the ServerApp use. Flower's node authentication needs a TLS
+    SuperLink; this keeps the operator's certificate (made for the public name) off the loopback address."""
+    return write_certificates(folder, ("localhost",), ("127.0.0.1",))
+
+
+def write_certificates(folder: str, dns_names=("localhost",), ip_addresses=("127.0.0.1",), days: int = 30) -> TLS:
+    """A fresh CA (``ca.crt``) and a certificate it signs (``superlink.pem``, key ``superlink.key``) valid for
+    ``dns_names`` and ``ip_addresses`` (subjectAltName), ECDSA P-384, ``days`` long; private keys written 0600.
+    ``cryptography`` (a Flower dependency) instead of the openssl CLI, which a site may not have."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    valid = dict(not_valid_before=now - datetime.timedelta(minutes=5),
+                 not_valid_after=now + datetime.timedelta(days=days))
+
+    def build(subject, issuer, public_key, signer, extensions):
+        b = x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key) \
+            .serial_number(x509.random_serial_number()).not_valid_before(valid["not_valid_before"]) \
+            .not_valid_after(valid["not_valid_after"])
+        for ext, critical in extensions:
+            b = b.add_extension(ext, critical=critical)
+        return b.sign(signer, hashes.SHA384())
+
+    ca_key, key = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "nnunet_fed CA")])
+    ca = build(ca_name, ca_name, ca_key.public_key(), ca_key, [(x509.BasicConstraints(ca=True, path_length=0), True)])
+    san = x509.SubjectAlternativeName([x509.DNSName(n) for n in dns_names] +
+                                      [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses])
+    subject = (list(dns_names) + list(ip_addresses))[0]
+    cert = build(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]), ca_name, key.public_key(), ca_key,
+                 [(san, False), (x509.BasicConstraints(ca=False, path_length=None), True)])
+    pem = serialization.Encoding.PEM
+    paths = {n: os.path.join(folder, n) for n in ("ca.crt", "superlink.pem", "superlink.key")}
+    blobs = {"ca.crt": ca.public_bytes(pem), "superlink.pem": cert.public_bytes(pem),
+             "superlink.key": key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())}
+    for name, blob in blobs.items():
+        fd = os.open(paths[name] + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+        os.replace(paths[name] + ".tmp", paths[name])
+    return TLS(certfile=paths["superlink.pem"], keyfile=paths["superlink.key"], ca_certfile=paths["ca.crt"])
 
 
 class FlowerProcess:
@@ -86,7 +228,7 @@ class FlowerProcess:
             os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
             self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT if self._log else None,
-                                     env=env, start_new_session=new_session)
+                                     env=env, start_new_session=new_session, preexec_fn=_die_with_parent)
 
     @property
     def pid(self) -> int:
@@ -124,6 +266,66 @@ class FlowerProcess:
             self._log.close()
 
 
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM when the process that started it dies, even by SIGKILL, so a
+    killed ``nnunet_fed server`` does not leave its SuperLink serving. Elsewhere the process record
+    (:func:`stop_leftovers`) ends it at the next start."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux ``/proc``), None if it does not exist; with the
+    pid it names one process, not a later one that reuses the number."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def write_process_record(record: str, **pids: int) -> None:
+    """Remember which processes serve this federation (name -> pid, with their start times)."""
+    entries = {name: {"pid": pid, "start": _start_time(pid)} for name, pid in pids.items()}
+    with open(record + ".tmp", "w") as f:
+        json.dump(entries, f)
+    os.replace(record + ".tmp", record)
+
+
+def stop_leftovers(record: str) -> list[str]:
+    """Before a start: end what an earlier ``nnunet_fed server`` of this folder left running (it was killed), each
+    with its process group (a SuperLink's ServerApp is in its group). Raises :class:`LaunchError` if that server
+    itself still runs. Returns what was stopped. Without ``/proc`` (not Linux) nothing can be checked."""
+    if not os.path.isfile(record) or not os.path.isdir("/proc"):
+        return []
+    with open(record) as f:
+        entries = json.load(f)
+    alive = {n: e["pid"] for n, e in entries.items()
+             if e.get("start") is not None and _start_time(e["pid"]) == e["start"]}
+    if "server" in alive and alive["server"] != os.getpid():
+        raise LaunchError(f"another nnunet_fed server (pid {alive['server']}) runs this federation from "
+                          f"{os.path.dirname(record)}; stop it first")
+    stopped = []
+    for name, pid in alive.items():
+        if name == "server":
+            continue
+        with _ignore_missing():
+            os.killpg(pid, signal.SIGTERM)
+        deadline = time.time() + 10
+        while time.time() < deadline and _start_time(pid) == entries[name]["start"]:
+            time.sleep(0.2)
+        with _ignore_missing():
+            os.killpg(pid, signal.SIGKILL)
+        stopped.append(f"{name} (pid {pid})")
+    os.remove(record)
+    return stopped
+
+
 class _ignore_missing:
     def __enter__(self):
         return self
@@ -150,6 +352,18 @@ def superlink_command(host: str, port: int, tls: TLS, database: str | None = Non
         cmd += ["--database", database]
     if supernode_auth:
         cmd.append("--enable-supernode-auth")
+    return cmd
+
+
+def gateway_command(host: str, port: int, superlink_port: int, tls: TLS, loopback: TLS) -> list[str]:
+    """The Fleet-API-only gateway on ``host:port`` (the operator's ``tls``) in front of the SuperLink on
+    ``127.0.0.1:superlink_port`` (``loopback`` TLS)."""
+    cmd = [sys.executable, "-m", "nnunet_fed.deployment.gateway", "--listen", f"{host}:{port}",
+           "--target", f"127.0.0.1:{superlink_port}"]
+    if not tls.insecure:
+        cmd += ["--ssl-certfile", tls.certfile, "--ssl-keyfile", tls.keyfile]
+    if not loopback.insecure:
+        cmd += ["--target-ca-certfile", loopback.ca_certfile]
     return cmd
 
 
@@ -196,15 +410,63 @@ def write_run_config(path: str, run_config: dict) -> str:
 def flwr(args: list[str], flwr_home: str, check: bool = True, capture: bool = True, timeout=None):
     env = {**os.environ, "FLWR_HOME": flwr_home}
     proc = subprocess.run([flower_bin("flwr"), *args], env=env, capture_output=capture, text=True,
-                          timeout=timeout)
+                          timeout=timeout, preexec_fn=_die_with_parent)
     if check and proc.returncode != 0:
         raise LaunchError(f"flwr {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
 
 
-def register_supernode_keys(flwr_home: str, public_keys: list[str]) -> None:
-    for key in public_keys:
-        flwr(["supernode", "register", key, CONNECTION], flwr_home)
+def _flwr_json(args: list[str], flwr_home: str) -> dict:
+    proc = flwr([*args, CONNECTION, "--format", "json"], flwr_home, check=False)
+    try:
+        return json.loads(proc.stdout[proc.stdout.index("{"):])
+    except ValueError:
+        raise LaunchError(f"flwr {' '.join(args)}: no answer in JSON:\n{proc.stdout}\n{proc.stderr}") from None
+
+
+def sync_supernode_keys(flwr_home: str, public_keys: list[str], record: str) -> dict[str, str]:
+    """Make the SuperLink admit exactly the nodes holding ``public_keys`` (OpenSSH public key files).
+
+    Flower keeps registered keys in the SuperLink's database across restarts, refuses to register a key twice
+    ("Public key already in use") and lists nodes without their keys; so ``record`` (JSON, node id -> key) keeps
+    which node each key became. Nodes not registered through the current list (a key dropped from it, or any
+    node the record does not know) are unregistered; keys without a live node are registered. Returns the
+    record. Raises :class:`LaunchError` for a key Flower refuses (e.g. one unregistered earlier in this database:
+    Flower does not take a public key twice)."""
+    wanted = {}
+    for path in public_keys:
+        with open(path) as f:
+            wanted[" ".join(f.read().split()[:2])] = path  # type and key; the comment is not part of the key
+    known = {}
+    if os.path.isfile(record):
+        with open(record) as f:
+            known = json.load(f)
+    listed = _flwr_json(["supernode", "list"], flwr_home)
+    if not listed.get("success"):
+        raise LaunchError(f"flwr supernode list failed: {listed.get('error-message')}")
+    live = {str(n["node-id"]) for n in listed.get("nodes", []) if n.get("status") != "unregistered"}
+    kept = {}
+    for node in sorted(live):
+        if known.get(node) in wanted:
+            kept[node] = known[node]
+            continue
+        out = _flwr_json(["supernode", "unregister", node], flwr_home)
+        if not out.get("success"):
+            raise LaunchError(f"flwr supernode unregister {node} failed: {out.get('error-message')}")
+    for key, path in wanted.items():
+        if key in kept.values():
+            continue
+        out = _flwr_json(["supernode", "register", path], flwr_home)
+        if not out.get("success"):
+            raise LaunchError(f"registering {path} with the SuperLink failed: {out.get('error-message')}"
+                              + (" (this database had the key and it was removed since; Flower does not take a key"
+                                 " twice: give that site a new key pair, or start over with --fresh)"
+                                 if "already in use" in str(out.get("error-message")) else ""))
+        kept[str(out["node-id"])] = key
+    with open(record + ".tmp", "w") as f:
+        json.dump(kept, f, indent=1)
+    os.replace(record + ".tmp", record)
+    return kept
 
 
 def submit_run(flwr_home: str, run_config_file: str, app_dir: str = APP_DIR) -> int:
@@ -225,6 +487,61 @@ def run_status(flwr_home: str, run_id: int) -> str:
         return "unknown"
 
 
-def stream_logs(flwr_home: str, run_id: int) -> int:
-    """Print the run's logs (ServerApp output) until the run ends."""
-    return flwr(["log", str(run_id), CONNECTION, "--stream"], flwr_home, check=False, capture=False).returncode
+class ErrorRelay:
+    """Copies the error lines a Flower process writes to its log (``ERROR``/``CRITICAL`` records, tracebacks)
+    into the federation's own log, so ``federation_server.log`` says why a run failed or stalled (SQLite locks, TLS
+    handshakes, tokens) without reading ``superlink.log``."""
+
+    PATTERN = re.compile(r"\bERROR\b|\bCRITICAL\b|Traceback|Exit Code|Error:")
+
+    def __init__(self, source: str, target: str, prefix: str):
+        self.source, self.target, self.prefix = source, target, prefix
+        self.offset = os.path.getsize(source) if os.path.isfile(source) else 0  # only what this start writes
+
+    def copy_new(self) -> list[str]:
+        if not os.path.isfile(self.source):
+            return []
+        with open(self.source, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        cut = data.rfind(b"\n") + 1  # whole lines only
+        self.offset += cut
+        lines = [ANSI.sub("", x).rstrip() for x in data[:cut].decode(errors="replace").splitlines()]
+        found = [x for x in lines if self.PATTERN.search(x)]
+        if found:
+            os.makedirs(os.path.dirname(self.target), exist_ok=True)
+            with open(self.target, "a") as f:
+                for x in found:
+                    f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + f"[{self.prefix}] {x}\n")
+        return found
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def follow_run(flwr_home: str, run_id: int, watched: list["FlowerProcess"], relays: list[ErrorRelay],
+               poll: float = 1.0) -> int:
+    """Print the run's logs (ServerApp output) until the run ends, copying the watched processes' error lines
+    into the federation's log as they appear. Raises :class:`LaunchError` when a watched process (SuperLink,
+    gateway) exits first, instead of waiting on a run that can no longer finish."""
+    proc = subprocess.Popen([flower_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"],
+                            env={**os.environ, "FLWR_HOME": flwr_home}, preexec_fn=_die_with_parent)
+    try:
+        while proc.poll() is None:
+            for r in relays:
+                r.copy_new()
+            for p in watched:
+                if p.poll() is not None:
+                    for r in relays:
+                        r.copy_new()
+                    raise LaunchError(f"{p.name} exited with code {p.poll()} during the run; see {p.log_path}:\n"
+                                      f"{p.tail(1500)}")
+            time.sleep(poll)
+        for r in relays:
+            r.copy_new()
+        return proc.returncode
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            with _ignore_missing():
+                proc.wait(10)

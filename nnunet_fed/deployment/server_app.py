@@ -34,6 +34,7 @@ from nnunet_fed.federation.records import (METRICS_FILE, PLOT_FILE, STATE_FILE, 
 from nnunet_fed.federation.simulation import SimulationConfig, global_model_folder, write_global_model
 
 SERVER_LOG = "federation_server.log"
+FEDERATION_ID_FILE = "federation_id"  # this federation's identity at the sites (kept on resume, new with --fresh)
 SETUP_TIMEOUT = 300.0
 
 
@@ -51,11 +52,14 @@ class FederationServer:
         self.fold_dir = os.path.join(global_model_folder(self.cfg), f"fold_{run.fold}")
         os.makedirs(self.fold_dir, exist_ok=True)
         if run.fresh:  # the federation's records only (the SuperLink may keep its state in a subfolder)
-            for name in (STATE_FILE, METRICS_FILE, PLOT_FILE, SERVER_LOG, "checkpoint_final.pth"):
+            for name in (STATE_FILE, METRICS_FILE, PLOT_FILE, SERVER_LOG, "checkpoint_final.pth", FEDERATION_ID_FILE):
                 if os.path.isfile(os.path.join(self.fold_dir, name)):
                     os.remove(os.path.join(self.fold_dir, name))
+        self.federation = federation_identity(self.fold_dir, run.federation_name)
         self.node_sites: dict[int, str] = {}  # node id -> site (dataset name), in the order they answered setup
         self.refused: dict[int, str] = {}  # node id -> why it cannot take part
+        self.candidates: dict[int, tuple] = {}  # node id -> (site, plans, dataset.json) until the reference is chosen
+        self.committed_arrays = None  # on resume: the global model the reference plans must build
         self.template = None  # a trainer of the global model (plans, network), never trained
         self.global_arrays = None
         self.strategy = self.trainer_cls.make_server_strategy(self.options, run.strategy, run.strategy_options)
@@ -100,7 +104,9 @@ class FederationServer:
         return self.node_sites.get(node, f"node {node}")
 
     def setup_nodes(self, nodes: list[int]) -> None:
-        """Ask new SuperNodes which site they are (and, for the first, the plans of the global model)."""
+        """Ask new SuperNodes which site they are, with their plans and the task entries of their dataset.json.
+        Before the global model exists they are candidates (:meth:`choose_reference`); after, each is compared with
+        the reference site and refused with the difference named."""
         content = {n: msgs.global_content(None, {"round": -1}) for n in nodes}
         for node, reply, why in self._exchange(content, msgs.SETUP, "setup", SETUP_TIMEOUT):
             if reply is None:
@@ -113,22 +119,63 @@ class FederationServer:
             site = str(reply.content[msgs.SITE]["name"])
             cfg = reply.content[msgs.CONFIG]
             plans, dataset_json = json.loads(cfg["plans"]), json.loads(cfg["dataset_json"])
+            if self.template is None:
+                self.candidates = {n: c for n, c in self.candidates.items() if c[0] != site}  # a rejoined site
+                self.candidates[node] = (site, plans, dataset_json)
+                self.log(f"site {site} answered (node {node})")
+                continue
             why = self.mismatch(site, plans, dataset_json)
             if why is not None:
                 self.refused[node] = why
                 self.log(f"node {node} cannot take part: {why}")
                 continue
-            self.node_sites.pop(node, None)
-            self.node_sites[node] = site  # newest last: it replaces an earlier node of the same site
-            self.log(f"site {site} joined (node {node})")
-            if self.template is None:
-                self.reference = (site, plans, dataset_json)
-                self.template = self.build_template(plans, dataset_json)
+            self.accept(node, site)
 
-    def mismatch(self, site: str, plans: dict, dataset_json: dict) -> str | None:
-        """Why a site cannot join the sites already there (``None`` if it can): another task (channel names, labels
-        in nnU-Net's terms, file ending) or plans that differ where training and prediction depend on them."""
-        ref = getattr(self, "reference", None)
+    def accept(self, node: int, site: str) -> None:
+        self.node_sites.pop(node, None)
+        self.node_sites[node] = site  # newest last: it replaces an earlier node of the same site
+        self.log(f"site {site} joined (node {node})")
+
+    def choose_reference(self) -> None:
+        """Choose the global model's plans from the candidates, not from whichever site answered first: the largest
+        group of mutually compatible sites (ties: the earlier answer) once it has ``min-sites`` members, and on a
+        resumed run only plans that build the committed global model. Its members join; the others are refused
+        with their difference from the reference named. Nothing happens while no group is large enough."""
+        nodes = list(self.candidates)
+        builds = {}
+        if self.committed_arrays is not None:
+            for n in nodes:
+                t = self.build_template(*self.candidates[n][1:])
+                builds[n] = _same_arrays(t.get_shared_arrays(), self.committed_arrays)
+        groups = []
+        for n in nodes:
+            if builds.get(n) is False:
+                continue
+            site, plans, dataset_json = self.candidates[n]
+            members = [m for m in nodes if builds.get(m) is not False and
+                       self.mismatch(self.candidates[m][0], *self.candidates[m][1:],
+                                     reference=(site, plans, dataset_json)) is None]
+            groups.append((len({self.candidates[m][0] for m in members}), -nodes.index(n), n, members))
+        if not groups or max(groups)[0] < self.run.min_sites:
+            return
+        _, _, ref_node, members = max(groups)
+        self.reference = self.candidates[ref_node]
+        self.template = self.build_template(*self.reference[1:])
+        for n in nodes:
+            site = self.candidates[n][0]
+            if n in members:
+                self.accept(n, site)
+                continue
+            why = self.mismatch(site, *self.candidates[n][1:]) if builds.get(n) is not False else \
+                f"site {site}: its plans build another network than the committed global model of this federation"
+            self.refused[n] = why or f"site {site}: not compatible with the reference site {self.reference[0]}"
+            self.log(f"node {n} cannot take part: {self.refused[n]}")
+        self.candidates = {}
+
+    def mismatch(self, site: str, plans: dict, dataset_json: dict, reference: tuple | None = None) -> str | None:
+        """Why a site cannot join the reference site (``None`` if it can): another task (channel names, labels in
+        nnU-Net's terms, file ending) or plans that differ where training and prediction depend on them."""
+        ref = reference if reference is not None else getattr(self, "reference", None)
         if ref is None or ref[0] == site:
             return None
         ref_site, ref_plans, ref_dataset_json = ref
@@ -147,7 +194,8 @@ class FederationServer:
     def active_nodes(self) -> list[int]:
         """One node per site (the newest), among the SuperNodes connected now."""
         connected = set(self.grid.get_node_ids())
-        new = [n for n in connected if n not in self.node_sites and n not in self.refused]
+        self.candidates = {n: c for n, c in self.candidates.items() if n in connected}
+        new = [n for n in connected if n not in self.node_sites and n not in self.refused and n not in self.candidates]
         if new:
             self.setup_nodes(new)
         by_site = {}
@@ -161,11 +209,21 @@ class FederationServer:
         announced = False
         while True:
             nodes = self.active_nodes()
+            if self.template is None:
+                self.choose_reference()
+                nodes = self.active_nodes()
             if len(nodes) >= self.run.min_sites and self.template is not None:
                 return nodes
             if time.time() > deadline:
+                disagree = ""
+                if self.candidates:
+                    first = next(iter(self.candidates.values()))
+                    why = [self.mismatch(c[0], *c[1:], reference=first) for c in self.candidates.values()]
+                    disagree = "; no min-sites of the sites that answered agree: " + \
+                        ("; ".join(w for w in why if w) or "too few answered")
                 raise TimeoutError(f"only {len(nodes)} site(s) connected after {self.run.wait_for_sites:.0f} s "
-                                   f"(min-sites {self.run.min_sites}): {sorted(self.site_of(n) for n in nodes)}")
+                                   f"(min-sites {self.run.min_sites}): {sorted(self.site_of(n) for n in nodes)}"
+                                   f"{disagree}")
             if not announced:
                 self.log(f"waiting for sites: {len(nodes)}/{self.run.min_sites} connected")
                 announced = True
@@ -199,7 +257,8 @@ class FederationServer:
     def run_round(self, r: int) -> bool:
         nodes = self.wait_for_sites()
         t0 = time.time()
-        content = msgs.global_content(self.global_arrays, {"round": r, "num-rounds": self.run.rounds})
+        content = msgs.global_content(self.global_arrays, {"round": r, "num-rounds": self.run.rounds,
+                                                           "federation": self.federation})
         failed = []
 
         def updates():
@@ -256,7 +315,7 @@ class FederationServer:
 
     def finish(self) -> str:
         nodes = self.active_nodes()
-        content = msgs.global_content(self.global_arrays, {"round": self.run.rounds,
+        content = msgs.global_content(self.global_arrays, {"round": self.run.rounds, "federation": self.federation,
                                                            "final-validation": self.run.final_validation})
         for node, reply, why in self._exchange({n: content for n in nodes}, msgs.FINISH, "finish",
                                                self.run.round_timeout):
@@ -282,6 +341,7 @@ class FederationServer:
         start = state["completed_rounds"] if state else 0
         self.metrics = MetricsLog(self.fold_dir)
         self.metrics.truncate(start)
+        self.committed_arrays = state["global_arrays"] if state else None
         self.log(f"federation {self.run.federation_name}: {self.run.rounds} round(s) of {self.run.local_steps} "
                  f"steps, trainer {self.run.trainer}, min-sites {self.run.min_sites}"
                  + (f"; resuming after round {start}" if start else ""))
@@ -302,6 +362,25 @@ class FederationServer:
                 raise RuntimeError(f"round {r + 1} failed {self.run.round_retries + 1} times "
                                    f"(see {os.path.join(self.fold_dir, SERVER_LOG)})")
         return self.finish()
+
+
+def federation_identity(fold_dir: str, federation_name: str) -> str:
+    """``<federation name>-<random id>``: the federation as its sites know it. Made at the first start and kept in
+    ``fold_dir`` (a resumed run keeps it; ``--fresh`` makes a new one), so a site keeps each federation's round
+    states apart and never continues one federation from another's (nnunet_fed.deployment.client_app)."""
+    import uuid
+
+    path = os.path.join(fold_dir, FEDERATION_ID_FILE)
+    if not os.path.isfile(path):
+        with open(path + ".tmp", "w") as f:
+            f.write(uuid.uuid4().hex[:16])
+        os.replace(path + ".tmp", path)
+    with open(path) as f:
+        return f"{federation_name}-{f.read().strip()}"
+
+
+def _same_arrays(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(tuple(a[k].shape) == tuple(b[k].shape) for k in a)
 
 
 app = ServerApp()
