@@ -225,7 +225,9 @@ def _check_admission(fed, site_env, tmp_path) -> dict:
     from nnunet_fed.deployment.launch import write_connection
 
     with open(os.path.join(fed.fold, "flower", "processes.json")) as f:
-        procs = {k: v["pid"] for k, v in json.load(f).items()}
+        record = json.load(f)
+    procs = {k: v["pid"] for k, v in record.items() if "pid" in v}
+    procs["superlink_port"] = record["superlink_port"]["port"]
     groups = {pid for name in ("superlink", "gateway") for pid in _process_group(procs[name])}
     listeners = _tcp_listeners(groups | {procs["server"]})
     public = {(a, p) for a, p in listeners if a not in ("127.0.0.1", "::1")}
@@ -289,13 +291,18 @@ def _killed_and_restarted(fed, site_env, tmp_path):
         fed.join(d)
     first = _check_admission(fed, site_env, tmp_path)
     fed.wait(lambda: _committed_rounds(fed.fold) >= 1, 300, "round 1 committed")
+    from nnunet_fed.deployment.launch import runtime_processes
+
+    assert runtime_processes(first["superlink_port"])  # the run's ServerApp (its own session, ignores SIGTERM)
     os.kill(fed.procs["server"].pid, signal.SIGKILL)  # the server process alone
     fed.procs["server"].wait(30)
     deadline = time.time() + 30
-    while any(os.path.isdir(f"/proc/{first[n]}") for n in ("superlink", "gateway")) and time.time() < deadline:
+    while (any(os.path.isdir(f"/proc/{first[n]}") for n in ("superlink", "gateway"))
+           or runtime_processes(first["superlink_port"])) and time.time() < deadline:
         time.sleep(0.5)
     for n in ("superlink", "gateway"):  # they do not serve on without the server
         assert not os.path.isdir(f"/proc/{first[n]}") or open(f"/proc/{first[n]}/stat").read().split()[2] == "Z", n
+    assert not runtime_processes(first["superlink_port"])  # nor does the ServerApp
     from nnunet_fed.federation.records import load_server_state
 
     committed = load_server_state(fed.fold)

@@ -125,11 +125,12 @@ def cmd_server(args) -> int:
         supernode_auth=bool(args.auth_supernode_keys)), os.path.join(work, "superlink.log"), env=env)
     gateway = None
     try:
-        launch.write_process_record(processes, server=os.getpid(), superlink=superlink.pid)
+        launch.write_process_record(processes, link_port, server=os.getpid(), superlink=superlink.pid)
         launch.wait_for_port("127.0.0.1", link_port, 120, superlink)
         gateway = launch.FlowerProcess("gateway", launch.gateway_command(args.host, port, link_port, tls, link_tls),
                                        os.path.join(work, "gateway.log"), env=env)
-        launch.write_process_record(processes, server=os.getpid(), superlink=superlink.pid, gateway=gateway.pid)
+        launch.write_process_record(processes, link_port, server=os.getpid(), superlink=superlink.pid,
+                                    gateway=gateway.pid)
         launch.wait_for_port(args.host, port, 60, gateway)
         if args.auth_supernode_keys:
             launch.sync_supernode_keys(flwr_home, [os.path.abspath(k) for k in args.auth_supernode_keys],
@@ -159,6 +160,7 @@ def cmd_server(args) -> int:
         if gateway is not None:
             gateway.stop()
         superlink.stop()
+        launch.stop_runtime_processes(link_port)  # its ServerApp does not end with it
         if os.path.isfile(processes):
             os.remove(processes)
     ckpt = os.path.join(fold_dir, "checkpoint_final.pth")

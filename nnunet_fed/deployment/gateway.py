@@ -30,9 +30,12 @@ def allowed(method: str, path: str) -> bool:
     return method == "POST" and path.startswith(FLEET_PREFIX) and ".." not in path and "//" not in path
 
 
-def make_app(target: str, ca_certfile: str | None):
+def make_app(target: str, ca_certfile: str | None, stop_runtime_on_exit: bool = False):
     """An ASGI app forwarding allowed requests to ``target`` (``host:port`` of the SuperLink on loopback; its TLS
-    verified against ``ca_certfile`` when given, plain HTTP otherwise)."""
+    verified against ``ca_certfile`` when given, plain HTTP otherwise). ``stop_runtime_on_exit``: when the gateway
+    ends, also end the SuperLink's runtime processes (``launch.stop_runtime_processes``): the gateway is started
+    with ``nnunet_fed server`` and ends with it, even when the server is killed, while Flower's ServerApp does not
+    end with its SuperLink."""
     import httpx
     from starlette.applications import Starlette
     from starlette.requests import Request
@@ -61,6 +64,10 @@ def make_app(target: str, ca_certfile: str | None):
     async def lifespan(app):
         yield
         await client.aclose()
+        if stop_runtime_on_exit:  # the server died (this gateway ends with it): so must the run's ServerApp
+            from nnunet_fed.deployment.launch import stop_runtime_processes
+
+            stop_runtime_processes(int(target.rsplit(":", 1)[1]))
 
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
     return Starlette(routes=[Route("/{path:path}", forward, methods=methods)], lifespan=lifespan)
@@ -78,7 +85,7 @@ def main(argv=None) -> int:
 
     host, port = args.listen.rsplit(":", 1)
     tls = dict(ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile) if args.ssl_certfile else {}
-    uvicorn.run(make_app(args.target, args.target_ca_certfile), host=host,
+    uvicorn.run(make_app(args.target, args.target_ca_certfile, stop_runtime_on_exit=True), host=host,
                 port=int(port), log_level="warning", access_log=False, **tls)
     return 0
 

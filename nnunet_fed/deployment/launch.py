@@ -289,9 +289,44 @@ def _start_time(pid: int) -> str | None:
         return None
 
 
-def write_process_record(record: str, **pids: int) -> None:
-    """Remember which processes serve this federation (name -> pid, with their start times)."""
+def runtime_processes(superlink_port: int) -> list[int]:
+    """The processes the SuperLink on ``127.0.0.1:superlink_port`` started for its runs (``flwr-serverapp``,
+    ``flower-superexec``: they name that address in their command line). They run in sessions of their own,
+    ignore SIGTERM, and outlive a SuperLink that dies (Linux ``/proc``; elsewhere none are found)."""
+    address = f"127.0.0.1:{superlink_port}".encode()
+    found = []
+    for d in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not d.isdigit() or int(d) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if address in args and any(b"flwr" in a or b"flower" in a for a in args[:2]):
+            found.append(int(d))
+    return found
+
+
+def stop_runtime_processes(superlink_port: int, grace: float = 5.0) -> list[int]:
+    """End :func:`runtime_processes` of that SuperLink: SIGTERM, then SIGKILL after ``grace`` seconds."""
+    pids = runtime_processes(superlink_port)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with _ignore_missing():
+                os.kill(pid, sig)
+        deadline = time.time() + grace
+        while time.time() < deadline and any(os.path.isdir(f"/proc/{p}") and _start_time(p) for p in pids):
+            time.sleep(0.2)
+    return pids
+
+
+def write_process_record(record: str, superlink_port: int | None = None, **pids: int) -> None:
+    """Remember which processes serve this federation (name -> pid, with their start times) and the SuperLink's
+    loopback port (its runtime processes are found by it)."""
     entries = {name: {"pid": pid, "start": _start_time(pid)} for name, pid in pids.items()}
+    if superlink_port is not None:
+        entries["superlink_port"] = {"port": int(superlink_port)}
     with open(record + ".tmp", "w") as f:
         json.dump(entries, f)
     os.replace(record + ".tmp", record)
@@ -305,6 +340,7 @@ def stop_leftovers(record: str) -> list[str]:
         return []
     with open(record) as f:
         entries = json.load(f)
+    port = entries.pop("superlink_port", {}).get("port")
     alive = {n: e["pid"] for n, e in entries.items()
              if e.get("start") is not None and _start_time(e["pid"]) == e["start"]}
     if "server" in alive and alive["server"] != os.getpid():
@@ -322,6 +358,8 @@ def stop_leftovers(record: str) -> list[str]:
         with _ignore_missing():
             os.killpg(pid, signal.SIGKILL)
         stopped.append(f"{name} (pid {pid})")
+    if port is not None:
+        stopped += [f"a Flower runtime process (pid {pid})" for pid in stop_runtime_processes(port)]
     os.remove(record)
     return stopped
 
