@@ -11,13 +11,18 @@ validation:
 
 - ``simulate``: ``nnunet_fed simulate`` in a subprocess;
 - ``Flower``: ``nnunet_fed server --insecure`` and one ``nnunet_fed site join`` per site on loopback (a real
-  SuperLink, gateway, SuperNodes and per-message ClientApp processes).
+  SuperLink, gateway, SuperNodes and per-message ClientApp processes), the site's trainer kept between rounds by
+  the site worker;
+- ``Flower, no worker``: the same with ``site join --no-worker`` (every message answered in Flower's fresh
+  ClientApp process, which imports torch and nnU-Net and rebuilds the trainer from the round state file).
 
 Per round, from each run's ``federation_metrics.jsonl``: the round's wall time on the server, and per site the
 training time (nnU-Net's epoch: training steps and the pseudo-Dice pass, ``seconds``); on Flower also the
-ClientApp's process start to message handling (``process_seconds``) and the trainer's construction and state
-loading (``setup_seconds``). ``exchange`` is what is left of the round: messages, serialisation, aggregation,
-polling. Printed: the mean over rounds after the first (the first also pays data loader start-up in both arms),
+ClientApp's process start to message handling (``process_seconds``: process start, Flower's imports and the
+message's pull from the SuperNode; with no worker also torch and nnU-Net's imports) and the trainer's construction
+and state loading (``setup_seconds``; with the worker only the site's folder check). ``exchange`` is what is left
+of the round: the transfer of the global model and the update through SuperLink and SuperNode, serialisation,
+polling, aggregation and the server's commit. Printed: the mean over rounds after the first (the first also pays data loader start-up in both arms),
 and the overhead beyond training per site and round. With more than one site the Flower sites train at the same
 time on the same cores, so compare per-site figures with ``--sites 1``. Time it on an otherwise idle machine.
 """
@@ -78,10 +83,10 @@ def run_simulate(workdir: str, names: list[str], args) -> list[dict]:
     return _metrics(_fold(workdir, fed))
 
 
-def run_flower(workdir: str, names: list[str], args) -> list[dict]:
+def run_flower(workdir: str, names: list[str], args, worker: bool = True) -> list[dict]:
     from nnunet_fed.deployment.launch import free_port
 
-    fed, port, env = "DatasetFed_overhead_flower", free_port(), _env(workdir)
+    fed, port, env = "DatasetFed_overhead_flower" + ("" if worker else "_noworker"), free_port(), _env(workdir)
     server = subprocess.Popen(
         [sys.executable, "-m", "nnunet_fed.cli", "server", "--insecure", "--port", str(port), "--min-sites",
          str(len(names)), "-c", "2d", "--rounds", str(args.rounds), "--local-steps", str(args.local_steps),
@@ -93,7 +98,7 @@ def run_flower(workdir: str, names: list[str], args) -> list[dict]:
         for name in names:
             sites.append(subprocess.Popen(
                 [sys.executable, "-m", "nnunet_fed.cli", "site", "join", "--superlink", f"127.0.0.1:{port}", "-d",
-                 name, "-c", "2d", "--device", "cpu", "--insecure"],
+                 name, "-c", "2d", "--device", "cpu", "--insecure", *([] if worker else ["--no-worker"])],
                 env={**env, "FLWR_HOME": os.path.join(workdir, f"flwr_{name}")},
                 stdout=open(os.path.join(workdir, f"{name}.log"), "w"), stderr=subprocess.STDOUT))
         if server.wait(3600) != 0:
@@ -135,6 +140,7 @@ def main(argv=None) -> int:
     p.add_argument("--local-steps", type=int, default=10)
     p.add_argument("--val-steps", type=int, default=2)
     p.add_argument("--workdir", default="/tmp/nnunet_fed_deployment_overhead")
+    p.add_argument("--no-worker-arm", action="store_true", help="also run Flower with site join --no-worker")
     args = p.parse_args(argv)
     os.makedirs(args.workdir, exist_ok=True)
     names = prepare_data(args.workdir, args.sites)
@@ -144,10 +150,13 @@ def main(argv=None) -> int:
     t0 = time.time()
     flw = summarise(run_flower(args.workdir, names, args), flower=True)
     t_flw = time.time() - t0
+    cold = summarise(run_flower(args.workdir, names, args, worker=False), flower=True) if args.no_worker_arm else None
     print(f"{args.sites} site(s), {args.rounds} rounds x {args.local_steps} steps (+{args.val_steps} validation), "
           f"2d 64x64, CPU; mean over rounds 2..{args.rounds}, seconds per site and round")
     print(f"{'':10s}{'round':>8s}{'training':>10s}{'process':>9s}{'setup':>8s}{'exchange':>10s}{'beyond training':>17s}")
-    for name, s in (("simulate", sim), ("Flower", flw)):
+    for name, s in (("simulate", sim), ("Flower", flw), ("no worker", cold)):
+        if s is None:
+            continue
         print(f"{name:10s}{s['round']:8.2f}{s['training']:10.2f}{s['process']:9.2f}{s['setup']:8.2f}"
               f"{s['exchange']:10.2f}{s['overhead']:17.2f}")
     print(f"whole runs: simulate {t_sim:.0f} s, Flower {t_flw:.0f} s (incl. start-up); Flower's cost beyond training "

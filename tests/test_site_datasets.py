@@ -361,17 +361,53 @@ def test_server_prints_commands_that_parse():
     from nnunet_fed.federation.commands import predict_command
 
     join = site_join_command(port=9092, configuration="2d", trainer="nnUNetTrainerFedADP", plans="nnUNetFedPlans",
-                             insecure=False, fold="all")
+                             insecure=False, fold="all", node_auth=True)
     argv = shlex.split(join.replace("<this host>", "server.example.org").replace("<dataset>", "101")
-                       .replace("<ca.pem>", "ca.pem"))
+                       .replace("<ca.pem>", "ca.pem").replace("<site.key>", "site.key"))
     assert argv[0] == "nnunet_fed"
     args = build_parser().parse_args(argv[1:])
-    assert (args.plans, args.trainer, args.configuration, args.fold) == \
-        ("nnUNetFedPlans", "nnUNetTrainerFedADP", "2d", "all")
+    assert (args.plans, args.trainer, args.configuration, args.fold, args.auth_supernode_private_key) == \
+        ("nnUNetFedPlans", "nnUNetTrainerFedADP", "2d", "all", "site.key")
     cmd = predict_command("DatasetFed_flower", "nnUNetTrainerFedADP", "nnUNetFedPlans", "2d", 0, device="cpu")
     argv = shlex.split(cmd)
     assert argv[0].startswith("nnUNet_extTrainer=") and argv[1] == "nnUNetv2_predict"
     assert argv[argv.index("-device") + 1] == "cpu"
+
+
+def test_site_that_cannot_train_is_refused_at_join_with_its_reason(site_env, capsys):
+    """A one-case DP site whose only case falls in the server's validation fold has nothing to train on: ``site
+    join`` refuses it, naming the site and why, before any Flower process starts (before, such a site joined and
+    answered every round with an error); with another fold the same site passes the check."""
+    import glob
+
+    from nnunet_fed.privacy.dp_trainer import hash_split
+
+    pre = site_env["env"]["nnUNet_preprocessed"]
+    name = "Dataset298_OneCase"
+    dst = os.path.join(pre, name)
+    shutil.copytree(os.path.join(pre, site_env["names"][0]), dst)
+    try:
+        data = os.path.join(dst, "nnUNetPlans_2d")
+        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+        cases = sorted(infer_dataset_class(data).get_identifiers(data))
+        for f in glob.glob(os.path.join(dst, "splits_final.json")) + [
+                p for c in cases[1:] for pattern in (c + ".*", c + "_seg.*")
+                for p in glob.glob(os.path.join(data, pattern)) + glob.glob(os.path.join(dst, "gt_segmentations",
+                                                                                         pattern))]:
+            os.remove(f)
+        fold = next(f for f in range(5) if hash_split(cases[:1], f)[0] == [])
+        join = ["site", "join", "--superlink", "127.0.0.1:9", "-d", name, "-c", "2d", "-tr", "nnUNetTrainerFedADP",
+                "--insecure", "--no-worker"]
+        code, _, err = cli(capsys, *join, "-f", fold)
+        assert_refused(code, err, f"site {name}", f"fold {fold}", "no training case")
+        from nnunet_fed.sites import find_trainer
+
+        with open(os.path.join(dst, "nnUNetPlans.json")) as f:
+            plans = json.load(f)
+        find_trainer("nnUNetTrainerFedADP").check_site_split(name, plans, "2d", (fold + 1) % 5)  # trains there
+    finally:
+        shutil.rmtree(dst)
 
 
 # --------------------------------------- make-data layouts: plan, federate, predict with the printed command

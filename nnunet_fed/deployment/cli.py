@@ -10,6 +10,8 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
+import time
 
 from nnunet_fed import sites as site_checks
 
@@ -135,7 +137,8 @@ def cmd_server(args) -> int:
         if args.auth_supernode_keys:
             launch.sync_supernode_keys(flwr_home, [os.path.abspath(k) for k in args.auth_supernode_keys],
                                        os.path.join(work, "supernode_keys.json"))
-        join = site_join_command(port, run.configuration, run.trainer, run.plans, tls.insecure, run.fold)
+        join = site_join_command(port, run.configuration, run.trainer, run.plans, tls.insecure, run.fold,
+                                 node_auth=bool(args.auth_supernode_keys))
         print(f"sites connect to {args.host}:{port} (Fleet API only; SuperLink on 127.0.0.1:{link_port}, log: "
               f"{superlink.log_path}); sites join with:\n  {join}", flush=True)
         run_id = launch.submit_run(flwr_home, run_config)
@@ -190,10 +193,14 @@ def _log_line(fold_dir: str, text: str) -> None:
         f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + f"[nnunet_fed server] {text}\n")
 
 
-def site_join_command(port: int, configuration: str, trainer: str, plans: str, insecure: bool, fold="0") -> str:
-    """The ``nnunet_fed site join`` a site runs to join this server (``<this host>``, ``<dataset>`` and
-    ``<ca.pem>`` are for the site to fill in); its plans, configuration and trainer are the server's."""
+def site_join_command(port: int, configuration: str, trainer: str, plans: str, insecure: bool, fold="0",
+                      node_auth: bool = False) -> str:
+    """The ``nnunet_fed site join`` a site runs to join this server (``<this host>``, ``<dataset>``, ``<ca.pem>``
+    and, with node authentication, ``<site.key>`` are for the site to fill in); its plans, configuration and
+    trainer are the server's."""
     tls = "--insecure" if insecure else "--root-certificates <ca.pem>"
+    if node_auth:
+        tls += " --auth-supernode-private-key <site.key>"
     return (f"nnunet_fed site join --superlink <this host>:{port} -d <dataset> -c {configuration} -tr {trainer} "
             f"-p {plans} -f {fold} {tls}")
 
@@ -230,16 +237,31 @@ def cmd_site_join(args) -> int:
         node_config["device"] = args.device
     port = args.runtime_port or launch.free_port()
     key = os.path.abspath(args.auth_supernode_private_key) if args.auth_supernode_private_key else None
-    cmd = launch.supernode_command(args.superlink, port, node_config, tls, key)
-    print(f"site {name}: joining {args.superlink} ({args.configuration}, {args.trainer})", flush=True)
     _on_signal_exit()
-    node = launch.FlowerProcess(f"SuperNode {name}", cmd, args.log_file, new_session=False)
-    try:
-        return node.proc.wait()
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        node.stop()
+    worker = None
+    with tempfile.TemporaryDirectory(prefix="nnunet_fed_site_") as private:  # mode 0700
+        try:
+            if not args.no_worker:
+                node_config["worker"] = os.path.join(private, "worker.sock")
+                worker = launch.SiteWorker(name, node_config["worker"], args.log_file)
+                worker.start(wait=True)
+            cmd = launch.supernode_command(args.superlink, port, node_config, tls, key)
+            print(f"site {name}: joining {args.superlink} ({args.configuration}, {args.trainer})", flush=True)
+            node = launch.FlowerProcess(f"SuperNode {name}", cmd, args.log_file, new_session=False,
+                                        env=launch.supernode_env())
+            try:
+                while node.poll() is None:
+                    if worker is not None:
+                        worker.keep_alive()
+                    time.sleep(1.0)
+                return node.proc.returncode
+            except KeyboardInterrupt:
+                return 130
+            finally:
+                node.stop()
+        finally:
+            if worker is not None:
+                worker.stop()
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
@@ -303,5 +325,8 @@ def add_deployment_commands(subparsers) -> None:
     p.add_argument("--runtime-port", type=int, default=None,
                    help="local port of the SuperNode's runtime API (default: a free one)")
     p.add_argument("--log-file", default=None, help="write the SuperNode's output here instead of the terminal")
+    p.add_argument("--no-worker", action="store_true",
+                   help="no site worker: every message is answered in Flower's fresh ClientApp process, which "
+                        "rebuilds the trainer from the round state files (slower; less memory between rounds)")
     _tls_args(p, "site")
     p.set_defaults(func=cmd_site_join)

@@ -266,6 +266,53 @@ class FlowerProcess:
             self._log.close()
 
 
+class SiteWorker:
+    """``site join``'s site worker (:mod:`nnunet_fed.deployment.site_worker`) on ``socket_path``, restarted by
+    :meth:`keep_alive` when it ends (the next round continues from the site's round state files)."""
+
+    def __init__(self, site: str, socket_path: str, log_path: str | None):
+        self.site, self.socket_path, self.log_path, self.proc = site, socket_path, log_path, None
+
+    def start(self, wait: bool = True, timeout: float = 300.0) -> None:
+        """Start the worker; with ``wait``, return once it accepts connections (it imports torch and nnU-Net
+        first). Raises LaunchError naming the log if it ends before that."""
+        self.proc = FlowerProcess(f"site worker {self.site}", [sys.executable, "-m", "nnunet_fed.deployment.site_worker",
+                                                                "--socket", self.socket_path],
+                                  self.log_path, new_session=False)
+        deadline = time.time() + timeout
+        while wait and not self.ready():
+            if self.proc.poll() is not None:
+                raise LaunchError(f"site {self.site}: the site worker ended at start (exit code "
+                                  f"{self.proc.poll()}){'; see ' + self.log_path if self.log_path else ''}")
+            if time.time() > deadline:
+                raise LaunchError(f"site {self.site}: the site worker was not ready after {timeout:.0f} s")
+            time.sleep(0.2)
+
+    def ready(self) -> bool:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(self.socket_path)
+                return True
+            except OSError:
+                return False
+
+    def keep_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            print(f"site {self.site}: the site worker ended (exit code {self.proc.poll()}); restarting it "
+                  f"(rounds continue from the site's round state files)", file=sys.stderr, flush=True)
+            self.proc.stop()
+            self.start(wait=False)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+
+
+def supernode_env() -> dict:
+    """The SuperNode's environment: its SuperExec looks for new messages every 0.1 s instead of every 1 s."""
+    return {**os.environ, "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
+
+
 def _die_with_parent() -> None:
     """In the child before exec (Linux): SIGTERM when the process that started it dies, even by SIGKILL, so a
     killed ``nnunet_fed server`` does not leave its SuperLink serving. Elsewhere the process record

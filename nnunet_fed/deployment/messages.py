@@ -101,10 +101,10 @@ def global_content(global_arrays: Mapping[str, np.ndarray] | None, config: Mappi
     return RecordDict(records)
 
 
-def read_global(msg: Message) -> tuple[dict[str, np.ndarray] | None, dict]:
-    content = msg.content
+def read_global_content(content: RecordDict, message_type: str) -> tuple[dict[str, np.ndarray] | None, dict]:
+    """The global arrays (None where the message has none) and the round's settings of a server message."""
     if CONFIG not in content:
-        raise MessageError(f"message {msg.metadata.message_type!r} has no ConfigRecord {CONFIG!r}")
+        raise MessageError(f"message {message_type!r} has no ConfigRecord {CONFIG!r}")
     arrays = record_to_arrays(content[ARRAYS], "global arrays") if ARRAYS in content else None
     return arrays, dict(content[CONFIG])
 
