@@ -120,7 +120,7 @@ def cmd_server(args) -> int:
 
     _on_signal_exit()
     env = {**os.environ, "FLWR_HOME": flwr_home}
-    server_log = os.path.join(fold_dir, "federation_server.log")
+    server_log = os.path.join(fold_dir, launch.SERVER_LOG)
     relays = [launch.ErrorRelay(os.path.join(work, f"{n.lower()}.log"), server_log, n) for n in ("SuperLink", "gateway")]
     superlink = launch.FlowerProcess("SuperLink", launch.superlink_command(
         "127.0.0.1", link_port, link_tls, database=os.path.join(work, "superlink.db"),
@@ -153,7 +153,7 @@ def cmd_server(args) -> int:
             if p is not None and p.poll() is not None and f"{p.name} exited" not in str(e):
                 e = launch.LaunchError(f"{p.name} exited with code {p.poll()}; see {p.log_path}; then: {e}")
         print(f"nnunet_fed server: error: {e}", file=sys.stderr)
-        _log_line(fold_dir, f"nnunet_fed server stopped: {e}")
+        launch.append_log(server_log, "nnunet_fed server", [f"nnunet_fed server stopped: {e}"])
         return 1
     except KeyboardInterrupt:
         print("nnunet_fed server: interrupted; run the same command again to resume after the last completed "
@@ -168,9 +168,9 @@ def cmd_server(args) -> int:
             os.remove(processes)
     ckpt = os.path.join(fold_dir, "checkpoint_final.pth")
     if not status.endswith("completed"):
-        _log_line(fold_dir, f"the run ended with status {status!r}")
-        print(f"nnunet_fed server: the run ended with status {status!r}; see "
-              f"{os.path.join(fold_dir, 'federation_server.log')} and {superlink.log_path}", file=sys.stderr)
+        launch.append_log(server_log, "nnunet_fed server", [f"the run ended with status {status!r}"])
+        print(f"nnunet_fed server: the run ended with status {status!r}; see {server_log} and {superlink.log_path}",
+              file=sys.stderr)
         return 1
     if not os.path.isfile(ckpt):  # personalised trainer: every site holds its own model
         from nnunet_fed.federation.commands import predict_command
@@ -183,14 +183,6 @@ def cmd_server(args) -> int:
     print(f"global model: {os.path.dirname(fold_dir)}")
     print(f"predict with: {predict_command(run.federation_name, run.trainer, run.plans, run.configuration, run.fold)}")
     return 0
-
-
-def _log_line(fold_dir: str, text: str) -> None:
-    import time
-
-    os.makedirs(fold_dir, exist_ok=True)
-    with open(os.path.join(fold_dir, "federation_server.log"), "a") as f:
-        f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + f"[nnunet_fed server] {text}\n")
 
 
 def site_join_command(port: int, configuration: str, trainer: str, plans: str, insecure: bool, fold="0",

@@ -21,19 +21,17 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from nnunet_fed.deployment import site_worker
-
-SETUP, TRAIN, FINISH = "setup", "train", "finish"  # as site_runtime's (which imports torch)
+from nnunet_fed.deployment.launch import process_start_ticks
+from nnunet_fed.deployment.site_worker import FINISH, SETUP, TRAIN
 
 
 def _process_age() -> float:
     """Seconds since this process started (flwr-clientapp start -> message handling)."""
     try:
-        with open("/proc/self/stat") as f:
-            start_ticks = float(f.read().rsplit(")", 1)[1].split()[19])
         with open("/proc/uptime") as f:
             uptime = float(f.read().split()[0])
-        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
+        return max(0.0, uptime - float(process_start_ticks(os.getpid())) / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, TypeError):
         return float("nan")
 
 

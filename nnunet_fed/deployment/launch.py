@@ -87,11 +87,22 @@ def certificate_names(certfile: str) -> tuple[list[str], list[str]]:
     with open(certfile, "rb") as f:
         cert = x509.load_pem_x509_certificate(f.read())
     try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        return list(san.get_values_for_type(x509.DNSName)), \
-            [str(a) for a in san.get_values_for_type(x509.IPAddress)]
+        return _alt_names(cert)
     except x509.ExtensionNotFound:
         return [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)], []
+
+
+def _alt_names(cert) -> tuple[list[str], list[str]]:
+    """(DNS names, IP addresses) of a certificate's subjectAltName; raises ExtensionNotFound without one."""
+    from cryptography import x509
+
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return list(san.get_values_for_type(x509.DNSName)), [str(a) for a in san.get_values_for_type(x509.IPAddress)]
+
+
+def format_names(dns: list[str], ips: list[str]) -> str:
+    """A certificate's names as openssl prints them: ``DNS:a, IP:b`` (``none`` without any)."""
+    return ", ".join([f"DNS:{n}" for n in dns] + [f"IP:{i}" for i in ips]) or "none"
 
 
 def certificate_covers(certfile: str, host: str) -> bool:
@@ -112,8 +123,7 @@ def certificate_covers(certfile: str, host: str) -> bool:
 def require_certificate_covers(certfile: str, host: str, what: str) -> None:
     """Raise :class:`LaunchError` naming the certificate's names when they do not cover ``host``."""
     if not certificate_covers(certfile, host):
-        dns, ips = certificate_names(certfile)
-        names = ", ".join([f"DNS:{n}" for n in dns] + [f"IP:{i}" for i in ips]) or "none"
+        names = format_names(*certificate_names(certfile))
         raise LaunchError(f"{what}: the certificate {certfile} is not valid for {host!r} (its names: {names}); "
                           f"make one whose subjectAltName contains {'IP' if _is_ip(host) else 'DNS'}:{host} "
                           f"(README: TLS and node authentication)")
@@ -141,11 +151,7 @@ def check_tls_endpoint(address: str, ca_certfile: str, timeout: float = 10.0) ->
     except ssl.SSLCertVerificationError as e:
         detail = e.verify_message or str(e)
         peer = _peer_certificate(host, int(port), timeout)
-        names = ""
-        if peer is not None:
-            dns, ips = peer
-            names = f" (the server's certificate names: " \
-                    f"{', '.join([f'DNS:{n}' for n in dns] + [f'IP:{i}' for i in ips]) or 'none'})"
+        names = f" (the server's certificate names: {format_names(*peer)})" if peer is not None else ""
         raise LaunchError(f"TLS to {address} fails verification with {ca_certfile}: {detail}{names}") from None
     except (OSError, ssl.SSLError):
         return  # not up yet, or not reachable from here: the SuperNode retries and says so
@@ -160,8 +166,7 @@ def _peer_certificate(host: str, port: int, timeout: float):
         with socket.create_connection((host, port), timeout=timeout) as sock:
             with context.wrap_socket(sock, server_hostname=host) as tls:
                 cert = x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        return list(san.get_values_for_type(x509.DNSName)), [str(a) for a in san.get_values_for_type(x509.IPAddress)]
+        return _alt_names(cert)
     except Exception:  # noqa: BLE001 - only a hint in an error message
         return None
 
@@ -326,7 +331,7 @@ def _die_with_parent() -> None:
             pass
 
 
-def _start_time(pid: int) -> str | None:
+def process_start_ticks(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (Linux ``/proc``), None if it does not exist; with the
     pid it names one process, not a later one that reuses the number."""
     try:
@@ -363,7 +368,7 @@ def stop_runtime_processes(superlink_port: int, grace: float = 5.0) -> list[int]
             with _ignore_missing():
                 os.kill(pid, sig)
         deadline = time.time() + grace
-        while time.time() < deadline and any(os.path.isdir(f"/proc/{p}") and _start_time(p) for p in pids):
+        while time.time() < deadline and any(os.path.isdir(f"/proc/{p}") and process_start_ticks(p) for p in pids):
             time.sleep(0.2)
     return pids
 
@@ -371,7 +376,7 @@ def stop_runtime_processes(superlink_port: int, grace: float = 5.0) -> list[int]
 def write_process_record(record: str, superlink_port: int | None = None, **pids: int) -> None:
     """Remember which processes serve this federation (name -> pid, with their start times) and the SuperLink's
     loopback port (its runtime processes are found by it)."""
-    entries = {name: {"pid": pid, "start": _start_time(pid)} for name, pid in pids.items()}
+    entries = {name: {"pid": pid, "start": process_start_ticks(pid)} for name, pid in pids.items()}
     if superlink_port is not None:
         entries["superlink_port"] = {"port": int(superlink_port)}
     with open(record + ".tmp", "w") as f:
@@ -389,7 +394,7 @@ def stop_leftovers(record: str) -> list[str]:
         entries = json.load(f)
     port = entries.pop("superlink_port", {}).get("port")
     alive = {n: e["pid"] for n, e in entries.items()
-             if e.get("start") is not None and _start_time(e["pid"]) == e["start"]}
+             if e.get("start") is not None and process_start_ticks(e["pid"]) == e["start"]}
     if "server" in alive and alive["server"] != os.getpid():
         raise LaunchError(f"another nnunet_fed server (pid {alive['server']}) runs this federation from "
                           f"{os.path.dirname(record)}; stop it first")
@@ -400,7 +405,7 @@ def stop_leftovers(record: str) -> list[str]:
         with _ignore_missing():
             os.killpg(pid, signal.SIGTERM)
         deadline = time.time() + 10
-        while time.time() < deadline and _start_time(pid) == entries[name]["start"]:
+        while time.time() < deadline and process_start_ticks(pid) == entries[name]["start"]:
             time.sleep(0.2)
         with _ignore_missing():
             os.killpg(pid, signal.SIGKILL)
@@ -594,14 +599,20 @@ class ErrorRelay:
         lines = [ANSI.sub("", x).rstrip() for x in data[:cut].decode(errors="replace").splitlines()]
         found = [x for x in lines if self.PATTERN.search(x)]
         if found:
-            os.makedirs(os.path.dirname(self.target), exist_ok=True)
-            with open(self.target, "a") as f:
-                for x in found:
-                    f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + f"[{self.prefix}] {x}\n")
+            append_log(self.target, self.prefix, found)
         return found
 
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+SERVER_LOG = "federation_server.log"  # the federation's own log, in the global model's fold folder
+
+
+def append_log(path: str, source: str, lines: list[str]) -> None:
+    """Append ``lines`` to a federation log, each as ``<date> <time> [source] line``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S ")
+    with open(path, "a") as f:
+        f.writelines(f"{stamp}[{source}] {x}\n" for x in lines)
 
 
 def follow_run(flwr_home: str, run_id: int, watched: list["FlowerProcess"], relays: list[ErrorRelay],

@@ -27,13 +27,13 @@ from flwr.serverapp import Grid, ServerApp
 
 from nnunet_fed import sites as site_checks
 from nnunet_fed.deployment import messages as msgs
+from nnunet_fed.deployment.launch import SERVER_LOG, append_log
 from nnunet_fed.deployment.runconfig import RunSettings
 from nnunet_fed.federation.aggregation import NoValidUpdates
 from nnunet_fed.federation.records import (METRICS_FILE, PLOT_FILE, STATE_FILE, MetricsLog, load_server_state,
                                            save_server_state)
 from nnunet_fed.federation.simulation import SimulationConfig, global_model_folder, write_global_model
 
-SERVER_LOG = "federation_server.log"
 FEDERATION_ID_FILE = "federation_id"  # this federation's identity at the sites (kept on resume, new with --fresh)
 SETUP_TIMEOUT = 300.0
 
@@ -65,10 +65,8 @@ class FederationServer:
         self.strategy = self.trainer_cls.make_server_strategy(self.options, run.strategy, run.strategy_options)
 
     def log(self, text: str) -> None:
-        line = f"[nnunet_fed server] {text}"
-        print(line, flush=True)
-        with open(os.path.join(self.fold_dir, SERVER_LOG), "a") as f:
-            f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + line + "\n")
+        print(f"[nnunet_fed server] {text}", flush=True)
+        append_log(os.path.join(self.fold_dir, SERVER_LOG), "nnunet_fed server", [text])
 
     # ------------------------------------------------------------------ messaging
     def _exchange(self, content_by_node: dict, message_type: str, group: str, timeout: float):
@@ -142,11 +140,11 @@ class FederationServer:
         resumed run only plans that build the committed global model. Its members join; the others are refused
         with their difference from the reference named. Nothing happens while no group is large enough."""
         nodes = list(self.candidates)
-        builds = {}
+        builds, templates = {}, {}
         if self.committed_arrays is not None:
             for n in nodes:
-                t = self.build_template(*self.candidates[n][1:])
-                builds[n] = _same_arrays(t.get_shared_arrays(), self.committed_arrays)
+                templates[n] = self.build_template(*self.candidates[n][1:])
+                builds[n] = _same_arrays(templates[n].get_shared_arrays(), self.committed_arrays)
         groups = []
         for n in nodes:
             if builds.get(n) is False:
@@ -160,7 +158,7 @@ class FederationServer:
             return
         _, _, ref_node, members = max(groups)
         self.reference = self.candidates[ref_node]
-        self.template = self.build_template(*self.reference[1:])
+        self.template = templates[ref_node] if ref_node in templates else self.build_template(*self.reference[1:])
         for n in nodes:
             site = self.candidates[n][0]
             if n in members:
@@ -367,7 +365,7 @@ class FederationServer:
 def federation_identity(fold_dir: str, federation_name: str) -> str:
     """``<federation name>-<random id>``: the federation as its sites know it. Made at the first start and kept in
     ``fold_dir`` (a resumed run keeps it; ``--fresh`` makes a new one), so a site keeps each federation's round
-    states apart and never continues one federation from another's (nnunet_fed.deployment.client_app)."""
+    states apart and never continues one federation from another's (nnunet_fed.deployment.site_runtime)."""
     import uuid
 
     path = os.path.join(fold_dir, FEDERATION_ID_FILE)

@@ -38,6 +38,7 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from nnunet_fed import sites as site_checks
 from nnunet_fed.deployment import messages as msgs
 from nnunet_fed.deployment.runconfig import RunSettings
+from nnunet_fed.deployment.site_worker import FINISH, SETUP, TRAIN
 from nnunet_fed.federation.simulation import (ROUND_STATE_DIR, SimulationConfig, _make_trainer, prune_round_states,
                                              round_state_file, round_state_files, seed_everything, site_seed)
 from nnunet_fed.federation.trainer import RELEASED_UPDATE_KEY
@@ -292,9 +293,6 @@ class DeployedSite:
             dataset_json = shared_dataset_json(json.load(f))
         return RecordDict({msgs.SITE: ConfigRecord({"name": self.name}),
                            msgs.CONFIG: msgs.json_config(plans=plans, dataset_json=dataset_json)})
-
-
-SETUP, TRAIN, FINISH = "setup", "train", "finish"
 
 
 def site_key(node_config: dict, run_config: dict) -> str:

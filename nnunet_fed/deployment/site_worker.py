@@ -38,6 +38,7 @@ import traceback
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 NODE_CONFIG_KEY = "worker"  # the SuperNode's node config entry naming the worker's socket
+SETUP, TRAIN, FINISH = "setup", "train", "finish"  # the kinds of message a site answers
 _RECORD_TYPES = {"arrays": ArrayRecord, "config": ConfigRecord, "metrics": MetricRecord}
 _MAX_HEADER = 64 * 1024 * 1024
 
@@ -108,7 +109,7 @@ def decode_content(records: list, blobs: list[bytes]) -> RecordDict:
 
 
 def _send(sock: socket.socket, header: dict, blobs: list[bytes]) -> None:
-    data = json.dumps(header).encode()
+    data = json.dumps(header, default=_encode_value).encode()  # bytes in a node or run config as in records
     sock.sendall(struct.pack("!Q", len(data)) + data)
     for blob in blobs:
         sock.sendall(blob)
@@ -140,7 +141,6 @@ def call(socket_path: str, kind: str, content: RecordDict, node_config: dict, ru
     records, blobs = encode_content(content)
     header = {"kind": kind, "node_config": dict(node_config), "run_config": dict(run_config),
               "process_seconds": float(process_seconds), "content": records}
-    header = json.loads(json.dumps(header, default=_encode_value))
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)
