@@ -14,7 +14,9 @@ validation:
   SuperLink, gateway, SuperNodes and per-message ClientApp processes), the site's trainer kept between rounds by
   the site worker;
 - ``Flower, no worker``: the same with ``site join --no-worker`` (every message answered in Flower's fresh
-  ClientApp process, which imports torch and nnU-Net and rebuilds the trainer from the round state file).
+  ClientApp process, which imports torch and nnU-Net and rebuilds the trainer from the round state file);
+- ``SecAgg+`` (``--secure-arm``, two sites or more): ``nnunet_fed server --secure-aggregation``, the four
+  message exchanges of Flower's SecAgg+ per round, masking at the sites and unmasking at the server.
 
 Per round, from each run's ``federation_metrics.jsonl``: the round's wall time on the server, and per site the
 training time (nnU-Net's epoch: training steps and the pseudo-Dice pass, ``seconds``); on Flower also the
@@ -83,14 +85,16 @@ def run_simulate(workdir: str, names: list[str], args) -> list[dict]:
     return _metrics(_fold(workdir, fed))
 
 
-def run_flower(workdir: str, names: list[str], args, worker: bool = True) -> list[dict]:
+def run_flower(workdir: str, names: list[str], args, worker: bool = True, secure: bool = False) -> list[dict]:
     from nnunet_fed.deployment.launch import free_port
 
-    fed, port, env = "DatasetFed_overhead_flower" + ("" if worker else "_noworker"), free_port(), _env(workdir)
+    fed = "DatasetFed_overhead_flower" + ("" if worker else "_noworker") + ("_secure" if secure else "")
+    port, env = free_port(), _env(workdir)
     server = subprocess.Popen(
         [sys.executable, "-m", "nnunet_fed.cli", "server", "--insecure", "--port", str(port), "--min-sites",
          str(len(names)), "-c", "2d", "--rounds", str(args.rounds), "--local-steps", str(args.local_steps),
-         "--val-steps", str(args.val_steps), "--no-val", "--fresh", "--federation-name", fed],
+         "--val-steps", str(args.val_steps), "--no-val", "--fresh", "--federation-name", fed,
+         *(["--secure-aggregation"] if secure else [])],
         env=env, stdout=open(os.path.join(workdir, "server.log"), "w"), stderr=subprocess.STDOUT)
     sites = []
     try:
@@ -141,6 +145,8 @@ def main(argv=None) -> int:
     p.add_argument("--val-steps", type=int, default=2)
     p.add_argument("--workdir", default="/tmp/nnunet_fed_deployment_overhead")
     p.add_argument("--no-worker-arm", action="store_true", help="also run Flower with site join --no-worker")
+    p.add_argument("--secure-arm", action="store_true",
+                   help="also run Flower with --secure-aggregation (SecAgg+; needs --sites 2 or more)")
     args = p.parse_args(argv)
     os.makedirs(args.workdir, exist_ok=True)
     names = prepare_data(args.workdir, args.sites)
@@ -151,10 +157,13 @@ def main(argv=None) -> int:
     flw = summarise(run_flower(args.workdir, names, args), flower=True)
     t_flw = time.time() - t0
     cold = summarise(run_flower(args.workdir, names, args, worker=False), flower=True) if args.no_worker_arm else None
+    if args.secure_arm and args.sites < 2:
+        p.error("--secure-arm needs --sites 2 or more (secure aggregation sums at least two sites)")
+    secure = summarise(run_flower(args.workdir, names, args, secure=True), flower=True) if args.secure_arm else None
     print(f"{args.sites} site(s), {args.rounds} rounds x {args.local_steps} steps (+{args.val_steps} validation), "
           f"2d 64x64, CPU; mean over rounds 2..{args.rounds}, seconds per site and round")
     print(f"{'':10s}{'round':>8s}{'training':>10s}{'process':>9s}{'setup':>8s}{'exchange':>10s}{'beyond training':>17s}")
-    for name, s in (("simulate", sim), ("Flower", flw), ("no worker", cold)):
+    for name, s in (("simulate", sim), ("Flower", flw), ("no worker", cold), ("SecAgg+", secure)):
         if s is None:
             continue
         print(f"{name:10s}{s['round']:8.2f}{s['training']:10.2f}{s['process']:9.2f}{s['setup']:8.2f}"

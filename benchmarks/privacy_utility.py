@@ -1,6 +1,7 @@
-"""Privacy/utility benchmark on generated ``shift`` data (3 sites, 2d): Dice per site on held-out cases for
-non-private FedAvg, fixed-clip DP-FL (nnUNetTrainerFedDP) and ADP-FL (nnUNetTrainerFedADP) at epsilon 1 and 8
-(delta 1e-5), mean and std over seeds. Each run is ``nnunet_fed simulate``; the global model predicts every
+"""Privacy/utility benchmark on generated ``shift`` data (3 sites of 1,000 training cases, 2d): Dice per site on
+held-out cases for non-private FedAvg, fixed-clip DP-FL (nnUNetTrainerFedDP) and ADP-FL (nnUNetTrainerFedADP) at
+epsilon 1, 2, 4 and 8 (delta 1e-5), mean and std over seeds, as a table and a PNG of Dice against epsilon
+(``<workdir>/privacy_utility.png``). Each run is ``nnunet_fed simulate``; the global model predicts every
 site's imagesTs with nnU-Net's predictor and nnU-Net's evaluation scores them against labelsTs.
 
     python3 benchmarks/privacy_utility.py                 # the README table
@@ -9,6 +10,8 @@ site's imagesTs with nnU-Net's predictor and nnU-Net's evaluation scores them ag
     python3 benchmarks/privacy_utility.py --workdir A --methods nnUNetTrainerFedAvg nnUNetTrainerFedDP &
     python3 benchmarks/privacy_utility.py --workdir B --methods nnUNetTrainerFedADP &   # in parallel, then
     python3 benchmarks/privacy_utility.py --report A B                                   # one table
+    python3 benchmarks/privacy_utility.py --methods nnUNetTrainerFedDP --variant automatic -o clipping=automatic
+                                                          # a lever: its runs kept apart, its own table and plot
 
 nnU-Net plans site 0 and its plans are moved to the other sites (one target spacing and normalisation, as a
 federation needs); the DP trainers are told the plans are public (``public_plans``): the epsilon in the table
@@ -45,7 +48,7 @@ METHODS = [  # (label, trainer, options builder)
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="privacy_utility_bench")
-    p.add_argument("--num-train", type=int, default=300, help="training cases per site")
+    p.add_argument("--num-train", type=int, default=1000, help="training cases per site")
     p.add_argument("--num-test", type=int, default=20, help="held-out cases per site")
     p.add_argument("--size", type=int, default=32, help="image side (pixels)")
     p.add_argument("--rounds", type=int, default=5)
@@ -53,12 +56,15 @@ def parse_args(argv=None):
     p.add_argument("--expected-batch-size", type=int, default=32,
                    help="DP trainers: expected logical (Poisson) batch, accumulated over nnU-Net's physical batches")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 8.0])
+    p.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--device", default="cpu")
     p.add_argument("-o", "--option", action="append", default=[], metavar="NAME=VALUE",
                    help="extra option for the DP trainers (e.g. max_grad_norm=1.0)")
     p.add_argument("--methods", nargs="+", default=None, help="subset of trainers to run")
+    p.add_argument("--variant", default="",
+                   help="a name for the DP runs of this command's -o options (a lever: e.g. --variant mult4 -o "
+                        "augmentation_multiplicity=4), kept apart from the runs without it")
     p.add_argument("--rerun", action="store_true",
                    help="train every run again (by default a run already finished in --workdir is kept)")
     p.add_argument("--quick", action="store_true", help="smoke run: 40 cases per site, 1 seed, 2 rounds x 3 steps")
@@ -109,8 +115,9 @@ def main(argv=None) -> int:
                 options = {} if eps is None else {"target_epsilon": str(eps), "target_delta": str(args.delta),
                                                   "expected_batch_size": str(args.expected_batch_size),
                                                   "public_plans": "true", **parse_options(args.option)}
-                fed = run_name(trainer, eps, seed)
-                if not args.rerun and run_finished(args.workdir, trainer, eps, seed, names):
+                variant = args.variant if eps is not None else ""  # levers change the DP trainers only
+                fed = run_name(trainer, eps, seed, variant)
+                if not args.rerun and run_finished(args.workdir, trainer, eps, seed, names, variant):
                     print(f"{label:22s} eps={eps if eps is not None else '-':>4} seed {seed}: finished earlier, "
                           f"kept (--rerun to train it again)", flush=True)
                     continue
@@ -124,7 +131,7 @@ def main(argv=None) -> int:
                 with contextlib.redirect_stdout(io.StringIO()):
                     predict_sites(out["global_model_folder"], names, folders["nnUNet_raw"],
                                   os.path.join(args.workdir, "predictions", fed), args.device)
-                run = score_run(args.workdir, label, trainer, eps, seed, names)
+                run = score_run(args.workdir, label, trainer, eps, seed, names, variant)
                 run["train_seconds"] = train_s
                 with open(os.path.join(args.workdir, RUNS_FILE), "a") as f:
                     f.write(json.dumps(run) + "\n")
@@ -136,8 +143,8 @@ def main(argv=None) -> int:
     return 0
 
 
-def run_name(trainer: str, eps, seed: int) -> str:
-    return f"DatasetFed_pu_{trainer}_{'np' if eps is None else f'e{eps:g}'}_s{seed}"
+def run_name(trainer: str, eps, seed: int, variant: str = "") -> str:
+    return f"DatasetFed_pu_{trainer}_{'np' if eps is None else f'e{eps:g}'}_s{seed}{f'_{variant}' if variant else ''}"
 
 
 def predict_sites(model_folder: str, names: list[str], raw: str, out_root: str, device: str) -> None:
@@ -149,16 +156,16 @@ def predict_sites(model_folder: str, names: list[str], raw: str, out_root: str, 
                        device=device, use_mirroring=False)
 
 
-def _run_paths(workdir: str, trainer: str, eps, seed: int) -> tuple[str, str, str]:
+def _run_paths(workdir: str, trainer: str, eps, seed: int, variant: str = "") -> tuple[str, str, str]:
     """(model folder, its round metrics file, the run's predictions folder)."""
-    fed = run_name(trainer, eps, seed)
+    fed = run_name(trainer, eps, seed, variant)
     model = os.path.join(workdir, "nnUNet_results", fed, f"{trainer}__nnUNetPlans__2d")
     return model, os.path.join(model, "fold_0", "federation_metrics.jsonl"), os.path.join(workdir, "predictions", fed)
 
 
-def run_finished(workdir: str, trainer: str, eps, seed: int, names: list[str]) -> bool:
+def run_finished(workdir: str, trainer: str, eps, seed: int, names: list[str], variant: str = "") -> bool:
     """The run trained (round metrics written) and predicted every site's held-out cases."""
-    _, metrics_file, predictions = _run_paths(workdir, trainer, eps, seed)
+    _, metrics_file, predictions = _run_paths(workdir, trainer, eps, seed, variant)
     if not os.path.isfile(metrics_file):
         return False
     for n in names:
@@ -169,14 +176,15 @@ def run_finished(workdir: str, trainer: str, eps, seed: int, names: list[str]) -
     return True
 
 
-def score_run(workdir: str, label: str, trainer: str, eps, seed: int, names: list[str]) -> dict | None:
+def score_run(workdir: str, label: str, trainer: str, eps, seed: int, names: list[str],
+              variant: str = "") -> dict | None:
     """A finished run's Dice per site (nnU-Net's evaluation of its predictions against labelsTs, mean of organ
     and tumour) and the largest epsilon any site spent (the run's round metrics); None if it did not finish."""
     from nnunet_fed.evaluation import dice_per_label, evaluate_folder
 
-    if not run_finished(workdir, trainer, eps, seed, names):
+    if not run_finished(workdir, trainer, eps, seed, names, variant):
         return None
-    model, metrics_file, predictions = _run_paths(workdir, trainer, eps, seed)
+    model, metrics_file, predictions = _run_paths(workdir, trainer, eps, seed, variant)
     raw = os.path.join(workdir, "nnUNet_raw")
     dice = {}
     for n in names:
@@ -187,8 +195,42 @@ def score_run(workdir: str, label: str, trainer: str, eps, seed: int, names: lis
     with open(metrics_file) as f:
         last = [json.loads(line) for line in f if line.strip()][-1]
     spent = [m["epsilon"] for m in last["sites"].values() if m.get("epsilon") is not None]
-    return {"method": label, "trainer": trainer, "target_epsilon": eps, "seed": seed, "dice": dice,
+    return {"method": label, "variant": variant, "trainer": trainer, "target_epsilon": eps, "seed": seed, "dice": dice,
             "mean_dice": float(np.mean(list(dice.values()))), "epsilon_spent": max(spent) if spent else None}
+
+
+def plot_runs(runs: list[dict], path: str) -> None:
+    """Dice (mean ± std over seeds) against target epsilon, one line per method; non-private methods as a band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with plt.rc_context(matplotlib.rcParamsDefault):  # not the styles nnU-Net's imports set
+        _plot(plt, runs, path)
+
+
+def _plot(plt, runs: list[dict], path: str) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    label = lambda r: r["method"] + (f" [{r['variant']}]" if r.get("variant") else "")  # noqa: E731
+    for method in dict.fromkeys(label(r) for r in runs):
+        rs = [r for r in runs if label(r) == method]
+        if rs[0]["target_epsilon"] is None:
+            m, sd = 100 * np.mean([r["mean_dice"] for r in rs]), 100 * np.std([r["mean_dice"] for r in rs])
+            ax.axhline(m, color="k", ls="--", label=f"{method}")
+            ax.axhspan(m - sd, m + sd, color="k", alpha=0.1)
+            continue
+        eps = sorted({r["target_epsilon"] for r in rs})
+        means = [100 * np.mean([r["mean_dice"] for r in rs if r["target_epsilon"] == e]) for e in eps]
+        sds = [100 * np.std([r["mean_dice"] for r in rs if r["target_epsilon"] == e]) for e in eps]
+        ax.errorbar(eps, means, yerr=sds, marker="o", capsize=3, label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("target epsilon (delta 1e-5)")
+    ax.set_ylabel("Dice on held-out cases (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def report(workdirs: list[str], args) -> str:
@@ -201,7 +243,7 @@ def report(workdirs: list[str], args) -> str:
             rs = []
             for seed in range(args.seeds):
                 for w in workdirs:
-                    r = score_run(w, label, trainer, eps, seed, names)
+                    r = score_run(w, label, trainer, eps, seed, names, args.variant if eps is not None else "")
                     if r is not None:
                         rs.append(r)
                         break
@@ -211,10 +253,12 @@ def report(workdirs: list[str], args) -> str:
             per_site = {n: (np.mean([r["dice"][n] for r in rs]), np.std([r["dice"][n] for r in rs])) for n in names}
             means = [r["mean_dice"] for r in rs]
             spent = [r["epsilon_spent"] for r in rs if r["epsilon_spent"] is not None]
-            rows.append((label, "-" if eps is None else f"{eps:g}",
+            rows.append((label + (f" [{args.variant}]" if args.variant and eps is not None else ""),
+                         "-" if eps is None else f"{eps:g}",
                          *[f"{100 * m:.1f} ± {100 * s:.1f}" for m, s in per_site.values()],
                          f"{100 * np.mean(means):.1f} ± {100 * np.std(means):.1f}", str(len(rs)),
                          f"{max(spent):.3f}" if spent else "-"))
+    plot_runs(runs, os.path.join(workdirs[0], f"privacy_utility{f'_{args.variant}' if args.variant else ''}.png"))
     header = ("method", "target epsilon", *[f"site {k}" for k in range(SITES)], "mean", "seeds", "max epsilon spent")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
     table = "\n".join(lines)

@@ -128,3 +128,25 @@ def write_node_key(folder, name: str) -> tuple[str, str]:
     with open(public, "wb") as f:
         f.write(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
     return private, public
+
+
+def site_round_updates(site_env, server_fold: str, trainer: str, round_index: int) -> list:
+    """Each fixture site's update of a round of the federation whose global model is in ``server_fold``: the shared
+    arrays it trained and sent, from its round state file, with its num_examples (sites without that round's state
+    are left out)."""
+    import torch
+
+    from nnunet_fed.federation.update import Update
+
+    with open(os.path.join(server_fold, "federation_id")) as f:
+        federation = f"{os.path.basename(os.path.dirname(os.path.dirname(server_fold)))}-{f.read().strip()}"
+    out = []
+    for name in site_env["names"]:
+        fold = os.path.join(site_env["results"], name, f"{trainer}__nnUNetPlans__2d", "fold_0")
+        path = os.path.join(fold, "federated_rounds", federation, f"round_{round_index:04d}.pth")
+        if not os.path.isfile(path):
+            continue
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        released, w = state["released_update"], state["network_weights"]
+        out.append(Update(name, {k: w[k].numpy().copy() for k in released["arrays"]}, released["num_examples"]))
+    return out

@@ -181,6 +181,34 @@ def test_site_killed_mid_round_then_rejoins(site_env, federation):
     assert len(ck["logging"]["lrs"]) == 2  # the missed round is filled in; the LR schedule follows the federation
 
 
+def test_secure_aggregation_round_through_the_superlink(site_env, federation):
+    """--secure-aggregation with three sites through a real SuperLink and SuperNodes (site workers): Flower's SecAgg+
+    round commits, the server received no array in the clear and one masked vector per site, and the global model
+    is the FedAvg of the sites' updates (from their round state files) within the quantisation bound."""
+    from conftest import site_round_updates
+    from nnunet_fed.federation.aggregation import FedAvg
+    from nnunet_fed.federation.records import load_server_state
+
+    fed = federation
+    fed.server(1, "--min-sites", "3", "--secure-aggregation", "--round-timeout", "300")
+    for d in site_env["ids"]:
+        fed.join(d)
+    fed.wait_server()
+    rows = fed.metrics()
+    assert len(rows) == 1 and set(rows[0]["sites"]) == set(site_env["names"])
+    info = rows[0]["secure_aggregation"]
+    assert info["arrays_received"] == 0 and info["masked_vectors_received"] == 3 and info["threshold"] == 2
+    committed = load_server_state(fed.fold)["global_arrays"]
+    updates = site_round_updates(site_env, fed.fold, TRAINER, 0)
+    assert len(updates) == 3
+    expected = FedAvg().aggregate(committed, iter(updates))
+    worst = max(float(np.abs(committed[k].astype(np.float64) - expected[k]).max()) for k in expected)
+    assert worst <= info["quantization_error_bound"] + 1e-6, (worst, info)
+    spread = max(float(np.abs(u.arrays[k] - expected[k]).max()) for u in updates for k in expected)
+    assert spread > 10 * (info["quantization_error_bound"] + 1e-6)  # the sites' models differ: a real average
+    assert os.path.isfile(os.path.join(fed.fold, "checkpoint_final.pth"))
+
+
 def _process_group(pgid: int) -> list[int]:
     found = []
     for d in os.listdir("/proc"):

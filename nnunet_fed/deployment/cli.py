@@ -63,9 +63,15 @@ def cmd_server(args) -> int:
                       federation_name=args.federation_name, min_sites=args.min_sites,
                       round_timeout=args.round_timeout, wait_for_sites=args.wait_for_sites,
                       round_retries=args.round_retries, final_validation=not args.no_val, fresh=args.fresh,
-                      strategy=args.strategy or "fedavg", strategy_options=_option_dict(args.strategy_option))
+                      strategy=args.strategy or "fedavg", strategy_options=_option_dict(args.strategy_option),
+                      secure_aggregation=args.secure_aggregation, secagg_clip_range=args.secagg_clip_range,
+                      secagg_max_weight=args.secagg_max_weight)
     run = RunSettings.from_run_config(run.to_run_config())  # the same checks the ServerApp makes
-    trainer_cls.make_server_strategy(options, run.strategy, run.strategy_options)  # unknown rule or option
+    strategy = trainer_cls.make_server_strategy(options, run.strategy, run.strategy_options)  # unknown rule/option
+    if run.secure_aggregation:
+        from nnunet_fed.deployment.secure_aggregation import check_strategy
+
+        check_strategy(strategy)
     tls = launch.TLS(insecure=args.insecure, certfile=args.ssl_certfile, keyfile=args.ssl_keyfile,
                      ca_certfile=args.ssl_ca_certfile)
     try:
@@ -272,6 +278,15 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     from nnunet_fed.cli import add_strategy_args
 
     add_strategy_args(p)
+    p.add_argument("--secure-aggregation", action="store_true",
+                   help="Flower's SecAgg+: the server sees only the sum of the sites' updates (FedAvg, server "
+                        "optimisers, client-level DP); each site validates (and under client-level DP clips) its own "
+                        "update first")
+    p.add_argument("--secagg-clip-range", type=float, default=8.0,
+                   help="secure aggregation: a site's weighted update values must lie within +- this (sites refuse "
+                        "larger ones, naming the value); client-level DP uses max(clip, 1)")
+    p.add_argument("--secagg-max-weight", type=float, default=10000.0,
+                   help="secure aggregation: the largest number of training cases of one site")
     p.add_argument("--seed", type=int, default=12345)
     p.add_argument("--federation-name", default="DatasetFed_flower", help="results folder of the global model")
     p.add_argument("--round-timeout", type=float, default=3600.0,

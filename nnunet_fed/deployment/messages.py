@@ -13,12 +13,13 @@ else is refused with an error that names the record and the array.
 from __future__ import annotations
 
 import json
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from nnunet_fed.federation.update import Update
+if TYPE_CHECKING:  # not imported at run time: the ClientApp process stays free of torch
+    from nnunet_fed.federation.update import Update
 
 ARRAYS = "arrays"
 METRICS = "metrics"
@@ -83,10 +84,19 @@ def update_to_content(update: Update) -> RecordDict:
 
 
 def update_from_message(msg: Message) -> Update:
-    content = msg.content
+    try:
+        return update_from_content(msg.content)
+    except MessageError as e:
+        raise MessageError(f"node {msg.metadata.src_node_id}: {e}") from None
+
+
+def update_from_content(content: RecordDict, what: str = "reply") -> Update:
+    """The :class:`~nnunet_fed.federation.update.Update` of a site's reply content; ``what`` names it in errors."""
+    from nnunet_fed.federation.update import Update
+
     for key, kind in ((ARRAYS, ArrayRecord), (METRICS, MetricRecord), (SITE, ConfigRecord)):
         if key not in content or not isinstance(content[key], kind):
-            raise MessageError(f"reply from node {msg.metadata.src_node_id} has no {kind.__name__} {key!r}")
+            raise MessageError(f"{what} has no {kind.__name__} {key!r}")
     metrics = dict(content[METRICS])
     num_examples = metrics.pop(NUM_EXAMPLES, None)
     return Update(site=str(content[SITE]["name"]), arrays=record_to_arrays(content[ARRAYS], "update"),

@@ -12,6 +12,8 @@ KEYS = {
     "min-sites": "min_sites", "round-timeout": "round_timeout",
     "wait-for-sites": "wait_for_sites", "round-retries": "round_retries", "final-validation": "final_validation",
     "fresh": "fresh", "strategy": "strategy", "strategy-options": "strategy_options",
+    "secure-aggregation": "secure_aggregation", "secagg-clip-range": "secagg_clip_range",
+    "secagg-max-weight": "secagg_max_weight",
 }
 _JSON_KEYS = ("trainer_options", "strategy_options")
 
@@ -37,6 +39,9 @@ class RunSettings:
     fresh: bool = False
     strategy: str = "fedavg"
     strategy_options: dict = field(default_factory=dict)
+    secure_aggregation: bool = False  # SecAgg+ (nnunet_fed.deployment.secure_aggregation)
+    secagg_clip_range: float = 8.0  # values of a site's (weighted) update must lie in +-this
+    secagg_max_weight: float = 10000.0  # largest num_examples of a site under secure FedAvg
 
     @classmethod
     def from_run_config(cls, run_config) -> "RunSettings":
@@ -58,6 +63,12 @@ class RunSettings:
             setattr(s, name, int(getattr(s, name)))
         if s.rounds < 1 or s.local_steps < 1 or s.val_steps < 1 or s.min_sites < 1:
             raise ValueError(f"rounds, local-steps, val-steps and min-sites must be >= 1 ({s})")
+        s.secure_aggregation = s.secure_aggregation in (True, 1, "true", "True", "1")
+        s.secagg_clip_range, s.secagg_max_weight = float(s.secagg_clip_range), float(s.secagg_max_weight)
+        if s.secure_aggregation and (s.min_sites < 2 or s.secagg_clip_range <= 0 or s.secagg_max_weight < 1):
+            raise ValueError(f"secure aggregation needs min-sites >= 2 (a sum of one site is that site's update), "
+                             f"secagg-clip-range > 0 and secagg-max-weight >= 1; got {s.min_sites}, "
+                             f"{s.secagg_clip_range}, {s.secagg_max_weight}")
         if not str(s.federation_name).startswith("Dataset"):
             raise ValueError(f"federation-name {s.federation_name!r} must start with 'Dataset' "
                              f"(nnUNetv2_predict -d finds it so)")

@@ -10,6 +10,9 @@ is identified by its dataset name: a SuperNode that rejoins replaces its earlier
 the sites receive the final global parameters (``query.finish``: their own checkpoint_final.pth and
 validation) and the server writes the global model in nnU-Net's results layout, like simulate.
 
+With ``secure-aggregation`` a round runs Flower's SecAgg+ instead (:mod:`nnunet_fed.deployment.secure_aggregation`):
+each site validates its own update and the server folds only the unmasked sum into its strategy.
+
 Restarting the server with the same federation resumes after the last committed round, with the
 committed global weights (``federation_state.pth``, tensors only).
 """
@@ -27,6 +30,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from nnunet_fed import sites as site_checks
 from nnunet_fed.deployment import messages as msgs
+from nnunet_fed.deployment import secure_aggregation as secure
 from nnunet_fed.deployment.launch import SERVER_LOG, append_log
 from nnunet_fed.deployment.runconfig import RunSettings
 from nnunet_fed.federation.aggregation import NoValidUpdates
@@ -39,8 +43,8 @@ SETUP_TIMEOUT = 300.0
 
 
 class FederationServer:
-    def __init__(self, grid: Grid, run: RunSettings, poll_seconds: float = 0.5):
-        self.grid, self.run, self.poll = grid, run, poll_seconds
+    def __init__(self, grid: Grid, run: RunSettings, poll_seconds: float = 0.5, context: Context | None = None):
+        self.grid, self.run, self.poll, self.context = grid, run, poll_seconds, context
         site_checks.require_nnunet_paths(("nnUNet_results",))
         self.trainer_cls = site_checks.find_trainer(run.trainer)
         self.options = self.trainer_cls.resolve_options(run.trainer_options)
@@ -63,6 +67,8 @@ class FederationServer:
         self.template = None  # a trainer of the global model (plans, network), never trained
         self.global_arrays = None
         self.strategy = self.trainer_cls.make_server_strategy(self.options, run.strategy, run.strategy_options)
+        if run.secure_aggregation:
+            secure.check_strategy(self.strategy)
 
     def log(self, text: str) -> None:
         print(f"[nnunet_fed server] {text}", flush=True)
@@ -72,9 +78,13 @@ class FederationServer:
     def _exchange(self, content_by_node: dict, message_type: str, group: str, timeout: float):
         """Push one message per node; yield (node, reply, None) as replies arrive, then (node, None, why) for
         nodes that did not answer: gone offline during the exchange (Flower's heartbeats) or past ``timeout``."""
-        nodes = list(content_by_node)
         messages = [Message(content_by_node[n], dst_node_id=n, message_type=message_type, group_id=group,
-                            ttl=max(timeout, 60.0)) for n in nodes]
+                            ttl=max(timeout, 60.0)) for n in content_by_node]
+        yield from self.exchange_messages(messages, timeout)
+
+    def exchange_messages(self, messages: list, timeout: float):
+        """:meth:`_exchange` for messages already made (SecAgg+'s stages)."""
+        nodes = [m.metadata.dst_node_id for m in messages]
         ids = list(self.grid.push_messages(messages))
         pending = {mid: n for mid, n in zip(ids, nodes) if mid}
         for n in [n for mid, n in zip(ids, nodes) if not mid]:
@@ -283,8 +293,17 @@ class FederationServer:
 
         # a repeated attempt starts from the server rule's state before this one (a server optimiser's moments)
         rule_state = self.strategy.state_dict() if hasattr(self.strategy, "state_dict") else None
+        secure_info = None
         try:
-            new_arrays = self.strategy.aggregate(self.global_arrays, updates())
+            if self.run.secure_aggregation:  # SecAgg+: the server gets the sum, never one site's update
+                dp = secure.client_dp_of(self.strategy)
+                total, secure_info = secure.secure_round(
+                    self.grid, self.exchange_messages, self.context, nodes, self.global_arrays, dict(content[msgs.CONFIG]), self.site_of,
+                    self.run.round_timeout, self.run.secagg_clip_range, self.run.secagg_max_weight,
+                    client_dp_clip=dp.clip if dp is not None else None)
+                new_arrays = self.strategy.aggregate_secure(self.global_arrays, total)
+            else:
+                new_arrays = self.strategy.aggregate(self.global_arrays, updates())
         except NoValidUpdates as e:
             new_arrays = None
             self.log(f"round {r + 1}: {e}")
@@ -303,6 +322,7 @@ class FederationServer:
                   "rejected": [{"site": s, "reason": why} for s, why in self.strategy.rejected],
                   "failed": [{"site": s, "reason": why} for s, why in failed],
                   "seconds": time.time() - t0,
+                  **({"secure_aggregation": secure_info} if secure_info else {}),
                   **(self.strategy.round_record() if hasattr(self.strategy, "round_record") else {})}
         self.metrics.append(record)
         save_server_state(self.fold_dir, r + 1, self.global_arrays, self.run.resume_key(),
@@ -387,4 +407,4 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run = RunSettings.from_run_config(context.run_config)
-    FederationServer(grid, run).serve()
+    FederationServer(grid, run, context=context).serve()

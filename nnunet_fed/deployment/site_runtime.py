@@ -38,6 +38,7 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from nnunet_fed import sites as site_checks
 from nnunet_fed.deployment import messages as msgs
 from nnunet_fed.deployment.runconfig import RunSettings
+from nnunet_fed.deployment.secure_aggregation import SECURE, secure_update
 from nnunet_fed.deployment.site_worker import FINISH, SETUP, TRAIN
 from nnunet_fed.federation.simulation import (ROUND_STATE_DIR, SimulationConfig, _make_trainer, prune_round_states,
                                              round_state_file, round_state_files, seed_everything, site_seed)
@@ -320,6 +321,8 @@ def handle(kind: str, content: RecordDict, node_config: dict, run_config: dict, 
         print(f"site {site.name}: round {int(config['round']) + 1}/{site.run.rounds} sent "
               f"({len(update.arrays)} shared arrays; setup {site.timings['setup_seconds']:.1f} s, "
               f"training {site.timings['seconds']:.1f} s)", file=sys.stderr, flush=True)
+        if config.get(SECURE):  # validated, weighted or clipped here: the server will only see the masked sum
+            update = secure_update(update, global_arrays, config)
         return msgs.update_to_content(update)
     if kind == FINISH:
         metrics = site.finish(global_arrays, bool(config.get("final-validation", True)),

@@ -7,6 +7,7 @@ arrays and one running sum, not one update per site.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -60,6 +61,24 @@ def valid_updates(updates: Iterable[Update], reference: Mapping[str, np.ndarray]
             rejected.append((update.site, str(e)))
             continue
         yield update
+
+
+@dataclass
+class SecureSum:
+    """What secure aggregation (SecAgg+, :mod:`nnunet_fed.deployment.secure_aggregation`) reveals of a round: the
+    weighted mean of the sites' updates, never one site's.
+
+    ``mean_delta``: floating-point array name -> mean of (site's array - global array) over the contributing sites,
+    weighted by their ``num_examples`` (client-level DP: equal weights, each delta already clipped at its site),
+    float64. Arrays of other dtypes are not aggregated: they keep their global value.
+    ``unclipped_fraction``: client-level DP only, the mean of the sites' unclipped bits. ``accepted``: per site the
+    metadata the server sees in the clear (site, num_examples, scalar metrics; no arrays). ``rejected``: (site,
+    reason) of sites that refused their own update (validation at the site) or dropped out."""
+
+    mean_delta: dict[str, np.ndarray]
+    accepted: list[Update]
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+    unclipped_fraction: float | None = None
 
 
 def no_valid_updates(rejected: list) -> NoValidUpdates:
@@ -120,9 +139,36 @@ class FedAvg:
         self._geometry = _update_geometry(deltas, _flat_delta(out, global_arrays)) if self.diagnose else None
         return out
 
+    def aggregate_secure(self, global_arrays: Mapping[str, np.ndarray], total: SecureSum) -> dict[str, np.ndarray]:
+        """The new global arrays from a securely aggregated round: global + the weighted mean update (the same
+        example-weighted FedAvg as :meth:`aggregate`, computed under the masks). Raises :class:`NoValidUpdates`
+        when no site contributed."""
+        if self.diagnose:
+            raise ValueError("--diagnose needs each site's update, which secure aggregation does not reveal")
+        self.rejected, self.accepted = list(total.rejected), list(total.accepted)
+        if not self.accepted:
+            raise no_valid_updates(self.rejected)
+        self._geometry = None
+        return add_mean_delta(global_arrays, total.mean_delta)
+
     def round_record(self) -> dict:
         """What the round's metrics line adds: the update geometry with ``diagnose``, else nothing."""
         return {"update_geometry": self._geometry} if self._geometry else {}
+
+
+def add_mean_delta(global_arrays: Mapping[str, np.ndarray], mean_delta: Mapping[str, np.ndarray]) -> dict:
+    """``global_arrays`` with ``mean_delta`` added to its floating-point arrays (in float64, cast back); arrays
+    without a delta keep their value. Raises ``ValueError`` naming a delta whose shape differs."""
+    out = {}
+    for name, ref in global_arrays.items():
+        if name in mean_delta and np.issubdtype(ref.dtype, np.floating):
+            delta = np.asarray(mean_delta[name], np.float64)
+            if delta.shape != ref.shape:
+                raise ValueError(f"mean update of {name!r} has shape {delta.shape}, expected {ref.shape}")
+            out[name] = (ref.astype(np.float64) + delta).astype(ref.dtype)
+        else:
+            out[name] = np.array(ref, copy=True)
+    return out
 
 
 def _flat_delta(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]):
@@ -259,7 +305,14 @@ class ServerOptimizer(_Delegating):
         self.server_round = 0
 
     def aggregate(self, global_arrays: Mapping[str, np.ndarray], updates: Iterable[Update]) -> dict[str, np.ndarray]:
-        mean = self.inner.aggregate(global_arrays, updates)
+        return self._step(global_arrays, self.inner.aggregate(global_arrays, updates))
+
+    def aggregate_secure(self, global_arrays: Mapping[str, np.ndarray], total: SecureSum) -> dict[str, np.ndarray]:
+        """The optimiser's step on a securely aggregated round (the inner strategy's result, as in
+        :meth:`aggregate`)."""
+        return self._step(global_arrays, self.inner.aggregate_secure(global_arrays, total))
+
+    def _step(self, global_arrays: Mapping[str, np.ndarray], mean: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         current = {k: np.asarray(v, dtype=np.float64) for k, v in global_arrays.items()}
         self._set_current(current)
         self.server_round += 1

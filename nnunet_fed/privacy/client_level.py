@@ -101,6 +101,19 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate:
                                       steps=rounds, accountant="rdp", epsilon_tolerance=0.005))
 
 
+def clip_update(deltas: list, clip: float) -> float:
+    """Clip ``deltas`` (a site's update, float64 arrays) in place to L2 norm ``clip`` over all of them (Flower's
+    ``clip_inputs_inplace``) and return the unclipped bit: 1.0 if the norm was already <= ``clip``, else 0.0.
+    Used by the server (plain aggregation) and by a site under secure aggregation alike."""
+    from flwr.supercore.differential_privacy import clip_inputs_inplace, get_norm
+
+    norm = get_norm(deltas)
+    if norm > clip:  # (Flower's helper divides by the norm: an all-zero update would fail)
+        clip_inputs_inplace(deltas, clip)
+        return 0.0
+    return 1.0
+
+
 def _check_min_updates(min_updates) -> None:
     if isinstance(min_updates, bool) or not isinstance(min_updates, (int, np.integer)) or min_updates < 1:
         raise ValueError(f"client-level DP: min_updates (fewest valid site updates per round) must be an "
@@ -241,15 +254,7 @@ class ClientLevelDP:
         calibrated rounds are all done; :class:`NoValidUpdates` (:class:`TooFewUpdates` when some came) when
         fewer than ``min_updates`` updates are valid. Both leave the clip, ``rounds_done`` and the noise
         generator untouched: only a round that returns is released and accounted."""
-        from flwr.supercore.differential_privacy import clip_inputs_inplace, get_norm
-
-        if self.num_sites is None:
-            raise RuntimeError("ClientLevelDP.start(num_sites, rounds) must be called before the first round")
-        if self.target_epsilon is not None and self.rounds_done >= self.rounds:
-            raise PrivacyBudgetSpent(
-                f"client-level DP: the noise was calibrated for {self.rounds} round(s) at target epsilon "
-                f"{self.target_epsilon:g} and {self.rounds_done} are done (epsilon {self.epsilon:.4g}); another "
-                f"round would spend more than the target")
+        self._check_can_release()
         clip = self.clip
         floats = [k for k, v in global_arrays.items() if np.issubdtype(v.dtype, np.floating)]
         bits: dict[str, float] = {}
@@ -262,10 +267,7 @@ class ClientLevelDP:
                     yield update  # the inner strategy rejects and records it
                     continue
                 deltas = [update.arrays[k].astype(np.float64) - global_arrays[k] for k in floats]
-                norm = get_norm(deltas)
-                bits[update.site] = 1.0 if norm <= clip else 0.0
-                if norm > clip:  # (Flower's helper divides by the norm: an all-zero update would fail)
-                    clip_inputs_inplace(deltas, clip)
+                bits[update.site] = clip_update(deltas, clip)
                 arrays = {k: np.array(v, copy=True) for k, v in global_arrays.items()}  # non-float buffers: global
                 for k, d in zip(floats, deltas):
                     arrays[k] = global_arrays[k] + d.astype(global_arrays[k].dtype)
@@ -274,20 +276,57 @@ class ClientLevelDP:
 
         mean = self.strategy.aggregate(global_arrays, clipped_updates())
         k = len(self.strategy.accepted)
+        self._check_enough(k)
+        sums = {name: k * (mean[name].astype(np.float64) - global_arrays[name]) for name in floats}
+        return self._release(global_arrays, sums, sum(bits[u.site] for u in self.strategy.accepted if u.site in bits),
+                             k)
+
+    def aggregate_secure(self, global_arrays: Mapping[str, np.ndarray], total) -> dict[str, np.ndarray]:
+        """One round from a securely aggregated sum (``aggregation.SecureSum``): each site clipped its own update
+        to the current :attr:`clip` and added its unclipped bit inside the masked vector (:func:`clip_update`),
+        with equal weights, so ``k * mean`` is the sum of the clipped deltas and of the bits over the ``k``
+        contributing sites. Noise, clip adaptation, accounting and errors are those of :meth:`aggregate`."""
+        self._check_can_release()
+        self.strategy.rejected, self.strategy.accepted = list(total.rejected), list(total.accepted)
+        k = len(total.accepted)
+        if k == 0:
+            raise NoValidUpdates(f"no valid update this round: {'; '.join(r for _, r in total.rejected)}")
+        self._check_enough(k)
+        if self.adaptive and total.unclipped_fraction is None:
+            raise ValueError("adaptive client-level DP needs the sites' unclipped bits in the secure sum")
+        floats = [n for n, v in global_arrays.items() if np.issubdtype(v.dtype, np.floating)]
+        sums = {n: k * np.asarray(total.mean_delta[n], np.float64) for n in floats}
+        return self._release(global_arrays, sums, k * float(total.unclipped_fraction or 0.0), k)
+
+    def _check_can_release(self) -> None:
+        if self.num_sites is None:
+            raise RuntimeError("ClientLevelDP.start(num_sites, rounds) must be called before the first round")
+        if self.target_epsilon is not None and self.rounds_done >= self.rounds:
+            raise PrivacyBudgetSpent(
+                f"client-level DP: the noise was calibrated for {self.rounds} round(s) at target epsilon "
+                f"{self.target_epsilon:g} and {self.rounds_done} are done (epsilon {self.epsilon:.4g}); another "
+                f"round would spend more than the target")
+
+    def _check_enough(self, k: int) -> None:
         if k < self.min_updates:  # nothing drawn, nothing moved: this attempt releases nothing
             raise TooFewUpdates(f"{k} valid site update(s), {self.min_updates} needed (min-sites); client-level DP "
                                 f"releases nothing for this attempt and the round can be repeated")
+
+    def _release(self, global_arrays: Mapping[str, np.ndarray], sums: Mapping[str, np.ndarray], unclipped_sum: float,
+                 k: int) -> dict[str, np.ndarray]:
+        """Noise the sum of the ``k`` clipped deltas (``sums``, float arrays by name) and the unclipped count, move
+        the clip, account the round; the new global arrays."""
+        clip = self.clip
         sigma = self.update_noise_multiplier * clip
         out = {k_: np.array(v, copy=True) for k_, v in global_arrays.items()}
-        for name in floats:
+        for name, total in sums.items():
             g = global_arrays[name].astype(np.float64)
-            total = k * (mean[name].astype(np.float64) - g)  # sum of the clipped deltas
             noisy = total + self.rng.normal(0.0, sigma, size=g.shape)
             out[name] = (g + noisy / self.expected_sites).astype(global_arrays[name].dtype)
 
         next_clip, unclipped = clip, None
         if self.adaptive:
-            centred = sum(bits[u.site] - 0.5 for u in self.strategy.accepted if u.site in bits)
+            centred = unclipped_sum - 0.5 * k
             unclipped = (centred + self.rng.normal(0.0, self.count_stddev)) / self.expected_sites + 0.5
             next_clip = clip * math.exp(-self.clip_lr * (unclipped - self.target_quantile))
         self.clip = next_clip

@@ -55,6 +55,7 @@ from nnunet_fed.privacy import accountant as acct
 from nnunet_fed.privacy import randomness
 from nnunet_fed.privacy.adaptive import AdaptiveClip
 from nnunet_fed.privacy.ledger import LEDGER_FILE, PrivacyLedger
+from nnunet_fed.privacy.per_sample import CLIPPING as PER_SAMPLE_CLIPPING
 from nnunet_fed.privacy.per_sample import METHODS as PER_SAMPLE_METHODS, PerSampleClipper, per_case_losses
 from nnunet_fed.privacy.sampling import PoissonCaseLoader, split_batch
 from nnunet_fed.privacy.sanitizer import DPSanitizer
@@ -142,6 +143,7 @@ class nnUNetTrainerDPBase(nnUNetTrainerFederated):
     """Sample-level (training case) differential privacy for every round a site trains."""
 
     private = True
+    option_choices = {"clipping": PER_SAMPLE_CLIPPING, "batch_rule": ("fixed", "tan")}
     federated_options = {
         "target_epsilon": None,        # calibrate the noise to this epsilon (total, everything released)
         "target_delta": 1e-5,
@@ -149,6 +151,8 @@ class nnUNetTrainerDPBase(nnUNetTrainerFederated):
         "max_grad_norm": 1.0,          # clipping threshold C (initial threshold when adaptive)
         "sampling_rate": None,         # q: probability that a case is in a logical batch ...
         "expected_batch_size": None,   # ... or q = expected_batch_size / noisy case count (default: nnU-Net's batch)
+        "batch_rule": "fixed",         # fixed: as set above | tan: chosen from target_epsilon (privacy/configuration)
+        "max_expected_batch": 256.0,   # tan: the largest expected logical batch considered (compute per step)
         "adaptive_clip": False,        # private quantile clipping (Andrew et al. 2021)
         "target_quantile": 0.5,
         "clip_lr": 0.2,
@@ -158,6 +162,8 @@ class nnUNetTrainerDPBase(nnUNetTrainerFederated):
         "mechanism": "gaussian",       # gaussian (L2 clip) | laplace (L1 clip, pure epsilon)
         "max_noise_multiplier": 50.0,  # refuse targets that would need more noise than this
         "per_sample_method": "auto",   # auto | hooks | loop: how exact per-case gradients are computed (same result)
+        "clipping": "flat",            # flat: min(1, C/||g||) | automatic: C/(||g|| + 0.01), normalised (Bu et al.)
+        "augmentation_multiplicity": 1,  # K augmented patches per sampled case, averaged before clipping (De et al.)
         "case_count_noise": 10.0,      # std (Laplace: scale) of the noise on the released number of training cases
         "public_plans": False,         # the plans are public (made on public data): not counted, not refused
     }
@@ -169,6 +175,20 @@ class nnUNetTrainerDPBase(nnUNetTrainerFederated):
             raise acct.BudgetError(f"{cls.__name__}: target_epsilon must be a positive number, got {o['target_epsilon']}")
         if not (o["case_count_noise"] > 0 and np.isfinite(o["case_count_noise"])):
             raise acct.BudgetError(f"{cls.__name__}: case_count_noise must be > 0, got {o['case_count_noise']}")
+        if o["clipping"] == "automatic" and o["adaptive_clip"]:
+            raise acct.BudgetError(f"{cls.__name__}: clipping=automatic normalises every case's gradient, so there "
+                                   f"is no clip to adapt; set adaptive_clip=false (adaptive clipping is for "
+                                   f"clipping=flat)")
+        if o["clipping"] == "automatic" and str(o["mechanism"]).lower() == "laplace":
+            raise acct.BudgetError(f"{cls.__name__}: clipping=automatic needs the Gaussian mechanism (L2 norms)")
+        if o["batch_rule"] == "tan" and (o["target_epsilon"] is None or o["noise_multiplier"] is not None
+                                         or o["sampling_rate"] is not None or o["expected_batch_size"] is not None):
+            raise acct.BudgetError(f"{cls.__name__}: batch_rule=tan chooses the sampling rate and the noise from "
+                                   f"target_epsilon; set target_epsilon and none of noise_multiplier, sampling_rate, "
+                                   f"expected_batch_size")
+        if o["augmentation_multiplicity"] < 1:
+            raise ValueError(f"{cls.__name__}: augmentation_multiplicity must be >= 1, got "
+                             f"{o['augmentation_multiplicity']}")
         return o
 
     @classmethod
@@ -199,6 +219,7 @@ class nnUNetTrainerDPBase(nnUNetTrainerFederated):
         if str(o["per_sample_method"]).lower() not in PER_SAMPLE_METHODS:
             raise ValueError(f"per_sample_method={o['per_sample_method']!r}: choose one of "
                              f"{', '.join(PER_SAMPLE_METHODS)}")
+        self.dp_multiplicity = int(o["augmentation_multiplicity"])
         self.dp_planning = planning_release(self.site_name, self.plans_manager.plans, bool(o["public_plans"]))
         self.dp_clip = float(o["max_grad_norm"])
         self.dp_history: list[list] = []
@@ -215,7 +236,7 @@ class nnUNetTrainerDPBase(nnUNetTrainerFederated):
         self._dp_configure()
         method = str(self.options["per_sample_method"]).lower()
         self.dp_clipper = PerSampleClipper(self.plain_network, norm_type=1.0 if self.dp_mechanism == "laplace" else 2.0,
-                                           method=method)
+                                           method=method, clipping=str(self.options["clipping"]).lower())
         self.dp_sanitizer = DPSanitizer(self.dp_clipper, self.dp_mechanism)
 
     @property
@@ -242,6 +263,16 @@ class nnUNetTrainerDPBase(nnUNetTrainerFederated):
     def _sampling(self, noisy_cases: float) -> tuple[float, float]:
         """(q, expected logical batch = the divisor) from the noisy case count and public options only."""
         o = self.options
+        if o["batch_rule"] == "tan":
+            from nnunet_fed.privacy.configuration import choose_expected_batch
+
+            self.dp_configuration = choose_expected_batch(
+                float(o["target_epsilon"]), self.dp_delta, noisy_cases, self.batch_size, self.num_iterations_per_epoch,
+                self.num_epochs, float(o["max_expected_batch"]), accountant=str(o["accountant"]).lower(),
+                mechanism=self.dp_mechanism, decay=float(o["noise_decay"]), extra_steps=int(self.post_round_steps()),
+                events=self.dp_events(), max_noise_multiplier=float(o["max_noise_multiplier"]))
+            self.print_to_log_file(f"DP configuration: {self.dp_configuration['reason']}")
+            return self.dp_configuration["sampling_rate"], self.dp_configuration["expected_batch_size"]
         if o["sampling_rate"] is not None:
             q = float(o["sampling_rate"])
             if not 0 < q <= 1:
@@ -319,7 +350,8 @@ class nnUNetTrainerDPBase(nnUNetTrainerFederated):
         initial_patch_size = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[2]
         dl = PoissonCaseLoader(old._data, self.batch_size, initial_patch_size, self.configuration_manager.patch_size,
                                self.label_manager, oversample_foreground_percent=self.oversample_foreground_percent,
-                               transforms=old.transforms, sample_rate=self.dp_sample_rate)
+                               transforms=old.transforms, sample_rate=self.dp_sample_rate,
+                               multiplicity=self.dp_multiplicity)
         n_proc = get_allowed_n_proc_DA()
         if n_proc == 0:
             mt_tr = SingleThreadedAugmenter(dl, None)
@@ -388,7 +420,8 @@ class nnUNetTrainerDPBase(nnUNetTrainerFederated):
             f"(expected logical batch {self.dp_expected_batch:.2f}, physical batch {self.batch_size}), noise "
             f"multiplier {self.dp_sigma0:.4g} (decay {decay:g}/round), {rounds} rounds x {steps} steps"
             f"{f' + {extra} fine-tuning steps' if extra else ''}, clip {self.dp_clip:.4g}"
-            f"{' adaptive' if self.dp_adaptive else ''}, {plans_note[self.dp_planning['kind']]}; planned total "
+            f"{' adaptive' if self.dp_adaptive else ''}, clipping {o['clipping']}, augmentation multiplicity "
+            f"{self.dp_multiplicity}, {plans_note[self.dp_planning['kind']]}; planned total "
             f"epsilon {planned:.4g} at delta {self.dp_delta:g}")
 
     def _split_noise(self, sigma: float, count: float | None) -> float:
@@ -411,7 +444,7 @@ class nnUNetTrainerDPBase(nnUNetTrainerFederated):
         clip = self.dp_clip
 
         def physical_batches():
-            for data, target in split_batch(batch, self.batch_size) if batch["keys"] else ():
+            for data, target in split_batch(batch, self.batch_size, self.dp_multiplicity) if batch["keys"] else ():
                 data = data.to(self.device, non_blocking=True)
                 target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
                     else target.to(self.device, non_blocking=True)
@@ -420,7 +453,7 @@ class nnUNetTrainerDPBase(nnUNetTrainerFederated):
         sigma = self._round_sigma()
         count_noise = self.dp_adaptive.count_noise_multiplier if self.dp_adaptive else None
         out = self.dp_sanitizer.step(physical_batches(), clip, self._split_noise(sigma, count_noise) * clip,
-                                     self.dp_expected_batch)
+                                     self.dp_expected_batch, self.dp_multiplicity)
         sampled, unclipped, loss_sum = out["sampled"], out["unclipped"], out["loss_sum"]
         self.optimizer.step()
         if self.dp_adaptive is not None:
@@ -539,7 +572,8 @@ class nnUNetTrainerDPBase(nnUNetTrainerFederated):
     def privacy_report(self) -> dict:
         o = self.options
         return {
-            "unit": "training case (Poisson-sampled, one patch per sampled case per step); add/remove adjacency",
+            "unit": "training case (Poisson-sampled; one patch per sampled case per step, or augmentation_multiplicity "
+                    "patches whose gradients are averaged before clipping); add/remove adjacency",
             "site": self.site_name, "mechanism": self.dp_mechanism, "accountant": str(o["accountant"]).lower(),
             "epsilon": self.privacy_spent(), "delta": self.dp_delta, "planned_epsilon": self.dp_planned_epsilon,
             "epsilon_covers": "planning summary (if any), noisy case count, every training and fine-tuning step",
@@ -550,7 +584,9 @@ class nnUNetTrainerDPBase(nnUNetTrainerFederated):
             "rounds": self.num_epochs, "local_steps": self.num_iterations_per_epoch,
             "steps_after_rounds": int(self.post_round_steps()),  # local fine-tuning, DP steps too
             "noise_multiplier": self.dp_sigma0, "noise_decay": float(o["noise_decay"]),
-            "clip_norm": "L1" if self.dp_mechanism == "laplace" else "L2",
+            "clip_norm": "L1" if self.dp_mechanism == "laplace" else "L2", "clipping": str(o["clipping"]),
+            "augmentation_multiplicity": self.dp_multiplicity,
+            "configuration": getattr(self, "dp_configuration", None) or {"rule": "fixed"},
             "adaptive_clip": bool(self.dp_adaptive), "initial_clip": float(o["max_grad_norm"]), "final_clip": self.dp_clip,
             "count_noise_multiplier": self.dp_adaptive.count_noise_multiplier if self.dp_adaptive else None,
             "target_quantile": float(o["target_quantile"]) if self.dp_adaptive else None,

@@ -59,6 +59,10 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 SUPPORTED = (_ConvNd, _InstanceNorm)
 METHODS = ("auto", "hooks", "loop")
+#: ``flat``: c_i = min(1, C / ||g_i||) (Abadi et al. 2016); ``automatic``: c_i = C / (||g_i|| + gamma), every case's
+#: gradient normalised (Bu et al. 2023, "Automatic clipping: differentially private deep learning made easier and
+#: stronger", AUTO-S), so its contribution has norm < C whatever its size and there is no clip to tune or adapt
+CLIPPING = ("flat", "automatic")
 LOOP_MIN_VOXELS = 16384  # "auto": the loop for samples of at least this many voxels (see the module docstring)
 #: relative safety margin of the clip: a case is scaled to norm ``C / (1 + CLIP_MARGIN)`` as measured, so that its
 #: true contribution stays within ``C`` although float32 norms under-estimate by up to ~1e-4 (relative) on these
@@ -90,13 +94,19 @@ def per_case_losses(loss: Callable, target) -> Callable[[object, range], torch.T
 class PerSampleClipper:
     """Clipped sums of exact per-sample gradients for a network made of convolutions and instance norms."""
 
-    def __init__(self, network: nn.Module, norm_type: float = 2.0, method: str = "auto"):
+    def __init__(self, network: nn.Module, norm_type: float = 2.0, method: str = "auto", clipping: str = "flat",
+                 stability: float = 0.01):
         if norm_type not in (1.0, 2.0):
             raise ValueError(f"norm_type must be 1 (L1) or 2 (L2), got {norm_type}")
         if method not in METHODS:
             raise ValueError(f"per-sample gradient method {method!r}: choose one of {', '.join(METHODS)}")
+        if clipping not in CLIPPING:
+            raise ValueError(f"clipping {clipping!r}: choose one of {', '.join(CLIPPING)}")
+        if not stability > 0:
+            raise ValueError(f"automatic clipping's stability constant must be > 0, got {stability}")
         self.network = network
         self.method = method
+        self.clipping, self.stability = clipping, float(stability)
         self.norm_type = float(norm_type)
         self.layers: list[nn.Module] = []
         covered = set()
@@ -127,23 +137,33 @@ class PerSampleClipper:
         return "loop" if data.shape[0] == 1 or data[0, 0].numel() >= LOOP_MIN_VOXELS else "hooks"
 
     def clipped_sum(self, data: torch.Tensor, per_sample_losses: Callable[[object, range], torch.Tensor],
-                    max_norm: float, accumulate_into: dict | None = None):
-        """Add ``sum_i min(1, max_norm / ||g_i||) g_i`` into ``accumulate_into`` (parameter -> tensor).
+                    max_norm: float, accumulate_into: dict | None = None, group: int = 1):
+        """Add ``sum_i c_i g_i`` into ``accumulate_into`` (parameter -> tensor), ``c_i`` the clip factor of
+        ``clipping`` (flat: ``min(1, max_norm / ||g_i||)``).
 
         ``per_sample_losses(output, indices)`` returns the vector of per-sample losses for the network output
         ``output`` of ``data[indices]`` (``indices`` is a ``range`` of positions in ``data``: all of them for the
-        hooks, one sample at a time for the loop). The accumulator's tensors are its own (never a ``p.grad``);
-        parameters' ``requires_grad`` and ``grad`` are left as they were.
-        Returns (accumulator, per-sample gradient norms (float64), per-sample losses (detached))."""
+        hooks, one case at a time for the loop). ``group`` (augmentation multiplicity, De et al. 2022, "Unlocking
+        high-accuracy differentially private image classification through scale"): ``data`` holds each case
+        ``group`` times in a row (different augmentations); a case's gradient ``g_i`` is the mean of its copies'
+        gradients, clipped once, so a case still contributes at most ``max_norm``. The accumulator's tensors are its
+        own (never a ``p.grad``); parameters' ``requires_grad`` and ``grad`` are left as they were.
+        Returns (accumulator, per-case gradient norms (float64), per-case losses (mean over copies, detached)).
+        Raises ``ValueError`` when the batch is not whole groups."""
+        if group < 1 or data.shape[0] % group:
+            raise ValueError(f"a physical batch of {data.shape[0]} samples is not whole groups of {group} copies")
         acc = accumulate_into if accumulate_into is not None else {}
         if self.method_for(data) == "loop":
-            norms, losses = self._loop(data, per_sample_losses, max_norm, acc)
+            norms, losses = self._loop(data, per_sample_losses, max_norm, acc, group)
         else:
-            norms, losses = self._hooks(data, per_sample_losses, max_norm, acc)
+            norms, losses = self._hooks(data, per_sample_losses, max_norm, acc, group)
         return acc, norms, losses
 
     def _factors(self, norms: torch.Tensor, max_norm: float, dtype) -> torch.Tensor:
-        """``min(1, C / (||g_i|| (1 + CLIP_MARGIN)))`` per case (a zero gradient keeps factor 1)."""
+        """Per case: ``min(1, C / (||g_i|| (1 + CLIP_MARGIN)))`` (flat; a zero gradient keeps factor 1) or
+        ``C / (||g_i|| (1 + CLIP_MARGIN) + gamma)`` (automatic)."""
+        if self.clipping == "automatic":
+            return (max_norm / (norms * (1.0 + CLIP_MARGIN) + self.stability)).to(dtype)
         return (max_norm / (norms * (1.0 + CLIP_MARGIN))).nan_to_num(posinf=1.0).clamp(max=1.0).to(dtype)
 
     @staticmethod
@@ -154,11 +174,11 @@ class PerSampleClipper:
         else:
             acc[p] = g
 
-    def _loop(self, data, per_sample_losses, max_norm, acc):
+    def _loop(self, data, per_sample_losses, max_norm, acc, group=1):
         params = [p for p in self.parameters if p.requires_grad]
         norms, losses = [], []
-        for i in range(data.shape[0]):
-            loss = per_sample_losses(self.network(data[i:i + 1]), range(i, i + 1))
+        for i in range(0, data.shape[0], group):
+            loss = per_sample_losses(self.network(data[i:i + group]), range(i, i + group)).mean().reshape(1)
             grads = torch.autograd.grad(loss.sum(), params, allow_unused=True)
             used = [(p, g) for p, g in zip(params, grads) if g is not None]
             per_tensor = torch.stack([torch.linalg.vector_norm(g, ord=self.norm_type) for _, g in used]).double()
@@ -170,7 +190,7 @@ class PerSampleClipper:
             losses.append(loss.detach())
         return torch.stack(norms), torch.cat(losses)
 
-    def _hooks(self, data, per_sample_losses, max_norm, acc):
+    def _hooks(self, data, per_sample_losses, max_norm, acc, group=1):
         records: list[list] = []  # [module, input, grad_output]
 
         def forward_hook(module, inputs, output):
@@ -211,18 +231,21 @@ class PerSampleClipper:
             for p, f in zip(self.parameters, flags):
                 p.requires_grad_(f)
         del output
-        sq = torch.zeros(batch, dtype=torch.float64, device=data.device)
+        cases = batch // group
+        sq = torch.zeros(cases, dtype=torch.float64, device=data.device)
         for module, inp, grad in records:
             if grad is None:
                 continue
-            if self.norm_type == 2 and self._ghost_is_cheaper(module, inp, grad):
+            if group == 1 and self.norm_type == 2 and self._ghost_is_cheaper(module, inp, grad):
                 sq += self._conv_ghost_sq_norms(module, inp, grad)
                 continue
             for g in self._per_sample(module, inp, grad):
-                n = torch.linalg.vector_norm(g.flatten(1), ord=self.norm_type, dim=1).double()
+                g = g.flatten(1) if group == 1 else g.reshape(cases, group, -1).mean(1)  # a case: its copies' mean
+                n = torch.linalg.vector_norm(g, ord=self.norm_type, dim=1).double()
                 sq += n * n if self.norm_type == 2 else n
         norms = sq.sqrt() if self.norm_type == 2 else sq
-        factors = self._factors(norms, max_norm, data.dtype)
+        # each copy's output gradient scaled by its case's factor / group: the scaled sum is sum_i c_i mean_k g_ik
+        factors = self._factors(norms, max_norm, data.dtype).repeat_interleave(group) / group
         for module, inp, grad in records:
             if grad is None:
                 continue
@@ -230,7 +253,7 @@ class PerSampleClipper:
             for p, g in zip(self._own_params(module), self._batched(module, inp, scaled)):
                 if g is not None:
                     self._accumulate(acc, p, g)
-        return norms, losses.detach()
+        return norms, losses.detach().reshape(cases, group).mean(1)
 
     # ------------------------------------------------------------------ per layer
     @staticmethod

@@ -4,7 +4,8 @@ The unit of privacy is the training case (a patient). nnU-Net's loader draws a f
 replacement per batch, so a case can appear twice in a batch and the batch composition does not match what
 the privacy accountants assume. ``PoissonCaseLoader`` instead builds each *logical* batch by including every
 training case independently with probability ``q`` (Poisson sampling, the assumption of Opacus's RDP/PRV
-accountants) and cuts **one patch** from each sampled case, with nnU-Net's patch selection (foreground
+accountants) and cuts **one patch** from each sampled case (``multiplicity`` patches, each with its own position
+and augmentation, for augmentation multiplicity; the trainer averages their gradients before clipping), with nnU-Net's patch selection (foreground
 oversampling decided per case with the same probability, independently of the other cases) and nnU-Net's
 augmentation pipeline unchanged. A logical batch therefore holds each case at most once, its size is random
 (Binomial(N, q), possibly 0), and the trainer processes it in physical batches of nnU-Net's batch size.
@@ -25,11 +26,14 @@ from nnunet_fed.privacy import randomness
 class PoissonCaseLoader(nnUNetDataLoader):
     """``nnUNetDataLoader`` whose every batch is one Poisson-sampled logical batch (each case with prob. ``q``)."""
 
-    def __init__(self, *args, sample_rate: float, **kwargs):
+    def __init__(self, *args, sample_rate: float, multiplicity: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sampling rate must be in (0, 1], got {sample_rate}")
+        if int(multiplicity) != multiplicity or multiplicity < 1:
+            raise ValueError(f"augmentation multiplicity must be an integer >= 1, got {multiplicity}")
         self.sample_rate = float(sample_rate)
+        self.multiplicity = int(multiplicity)
         # foreground oversampling per case with nnU-Net's probability, independent of the other cases
         self.get_do_oversample = self._probabilistic_oversampling
         self._keys = None
@@ -40,7 +44,8 @@ class PoissonCaseLoader(nnUNetDataLoader):
     def generate_train_batch(self):
         randomness.use_entropy_in_this_process()
         mask = randomness.poisson_mask(len(self.indices), self.sample_rate)
-        keys = [k for k, m in zip(self.indices, mask) if m]
+        # each sampled case ``multiplicity`` times in a row: its own patch and augmentation per copy
+        keys = [k for k, m in zip(self.indices, mask) if m for _ in range(self.multiplicity)]
         if not keys:
             return {"data": None, "target": None, "keys": []}
         self._keys, physical = keys, self.batch_size
@@ -51,8 +56,10 @@ class PoissonCaseLoader(nnUNetDataLoader):
             self.batch_size, self._keys = physical, None
 
 
-def split_batch(batch: dict, size: int):
-    """Physical batches of at most ``size`` samples from a logical batch."""
+def split_batch(batch: dict, size: int, multiplicity: int = 1):
+    """Physical batches of at most ``size`` samples (at least one case) from a logical batch, never splitting the
+    ``multiplicity`` copies of a case."""
+    size = max(multiplicity, size - size % multiplicity)
     n = len(batch["keys"])
     for s in range(0, n, size):
         target = batch["target"]

@@ -34,17 +34,18 @@ class DPSanitizer:
         return randomness.gaussian_like(p, std)
 
     def step(self, physical_batches: Iterable[tuple[torch.Tensor, Callable]], clip: float, noise_std: float,
-             expected_batch: float) -> dict:
+             expected_batch: float, multiplicity: int = 1) -> dict:
         """Set ``p.grad`` of every parameter to (sum of clipped per-case gradients + noise) / expected_batch.
 
-        ``physical_batches`` yields (data, per_sample_losses). Returns the number of cases, the number whose
+        ``physical_batches`` yields (data, per_sample_losses); with ``multiplicity`` K each case appears K times in a
+        row (augmentations averaged before clipping, ``PerSampleClipper.clipped_sum``'s ``group``). Returns the number of cases, the number whose
         gradient norm was at most ``clip`` (for adaptive clipping; never released without noise) and the
         sum of their losses (kept at the site)."""
         acc: dict = {}
         sampled = unclipped = 0
         loss_sum = 0.0
         for data, losses_fn in physical_batches:
-            acc, norms, losses = self.clipper.clipped_sum(data, losses_fn, clip, acc)
+            acc, norms, losses = self.clipper.clipped_sum(data, losses_fn, clip, acc, group=multiplicity)
             sampled += int(norms.numel())
             unclipped += int((norms <= clip).sum())
             loss_sum += float(losses.sum())

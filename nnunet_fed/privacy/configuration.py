@@ -1,0 +1,70 @@
+"""DP-aware choice of the logical batch: given the target epsilon, the site's (noisy) number of cases and the step
+schedule, which expected batch size and noise multiplier to train with.
+
+The rule follows Sander et al. 2023 ("TAN without a burn: scaling laws of DP-SGD"): at a fixed number of steps
+and a fixed privacy budget, what DP-SGD's utility depends on is the total amount of noise,
+``eta = sigma / B`` (noise multiplier over expected batch size: the noise std on the averaged gradient, in clip
+units). Larger batches lower ``eta`` until sigma reaches the regime where it grows in proportion to the batch,
+after which more cases per step cost compute for almost no gain. So: compute ``sigma(B)`` with the accountant for
+each candidate ``B`` (nnU-Net's physical batch times 1, 2, 4, ... up to ``max_expected_batch`` and half the
+site's noisy case count), and take the smallest ``B`` whose ``eta`` is within ``tolerance`` (10 %) of the best
+candidate's. Every candidate's ``sigma``, ``eta`` and planned epsilon goes into the site's privacy report, with the
+reason for the choice. The rule reads only public values (options, schedule, the released noisy case count).
+
+Opacus offers the calibration (``get_noise_multiplier``, used by :func:`nnunet_fed.privacy.accountant.calibrate`)
+but no rule for the batch; Sander et al. give the rule, not code.
+"""
+from __future__ import annotations
+
+from nnunet_fed.privacy import accountant as acct
+
+
+def batch_candidates(physical_batch: int, noisy_cases: float, max_expected_batch: float) -> list[float]:
+    """``physical_batch * 2**k`` up to ``min(max_expected_batch, noisy_cases / 2)``, and at least the physical batch
+    (the noisy count of a small site may be below it, even negative)."""
+    cap = max(float(physical_batch), min(float(max_expected_batch), float(noisy_cases) / 2.0))
+    out, b = [], float(physical_batch)
+    while b <= cap * (1 + 1e-9):
+        out.append(b)
+        b *= 2.0
+    return out
+
+
+def choose_expected_batch(target_epsilon: float, delta: float, noisy_cases: float, physical_batch: int,
+                          steps_per_round: int, rounds: int, max_expected_batch: float = 256.0,
+                          tolerance: float = 0.1, accountant: str = "rdp", mechanism: str = "gaussian",
+                          decay: float = 1.0, extra_steps: int = 0, events=(), max_noise_multiplier: float = 50.0
+                          ) -> dict:
+    """The expected logical batch by the total-amount-of-noise rule (module docstring).
+
+    Returns ``{"expected_batch_size", "sampling_rate", "noise_multiplier", "eta", "candidates": [{B, q, sigma,
+    eta, epsilon}], "rule", "reason"}``; ``sigma`` is the whole mechanism's multiplier (with adaptive clipping the
+    gradient gets a little less, the same share at every ``B``, so the ranking holds). Candidates the accountant
+    cannot meet (noise above ``max_noise_multiplier``) are listed with ``sigma`` None. Raises
+    :class:`~nnunet_fed.privacy.accountant.BudgetError` when none can."""
+    rows = []
+    for b in batch_candidates(physical_batch, noisy_cases, max_expected_batch):
+        q = b / max(float(noisy_cases), b)
+        try:
+            sigma = acct.calibrate(target_epsilon, delta, q, steps_per_round, rounds, accountant, mechanism, decay,
+                                   max_noise_multiplier, extra_steps=extra_steps, events=events)
+        except acct.BudgetError:
+            rows.append({"expected_batch_size": b, "sampling_rate": q, "noise_multiplier": None, "eta": None,
+                         "epsilon": None})
+            continue
+        eps = acct.epsilon(acct.planned_schedule(sigma, q, steps_per_round, rounds, decay, extra_steps), delta,
+                           accountant, mechanism, events)
+        rows.append({"expected_batch_size": b, "sampling_rate": q, "noise_multiplier": sigma,
+                     "eta": sigma / b, "epsilon": eps})
+    feasible = [r for r in rows if r["eta"] is not None]
+    if not feasible:
+        raise acct.BudgetError(f"target epsilon {target_epsilon:g}: no expected batch size from {physical_batch} to "
+                               f"{rows[-1]['expected_batch_size']:g} meets it within max_noise_multiplier="
+                               f"{max_noise_multiplier:g} over {rounds} rounds x {steps_per_round} steps")
+    best = min(r["eta"] for r in feasible)
+    chosen = next(r for r in feasible if r["eta"] <= best * (1.0 + tolerance))
+    reason = (f"total amount of noise eta = sigma / B (Sander et al. 2023) at {rounds} x {steps_per_round} steps and "
+              f"epsilon {target_epsilon:g}: smallest of {len(rows)} candidate batch sizes within {tolerance:.0%} of "
+              f"the lowest eta {best:.4g} (at B = {min(feasible, key=lambda r: r['eta'])['expected_batch_size']:g}); "
+              f"B = {chosen['expected_batch_size']:g}, sigma {chosen['noise_multiplier']:.4g}, eta {chosen['eta']:.4g}")
+    return {**chosen, "candidates": rows, "rule": "tan", "reason": reason}
