@@ -11,8 +11,8 @@ Site settings come from the SuperNode's node config (``dataset``, ``configuratio
 ``worker``), the federation's from the run config; a site refuses a run whose trainer or configuration differ from
 its own. A round under secure aggregation arrives as Flower's SecAgg+ protocol (four train messages, handled by
 ``secaggplus_mod``); its training message is answered like any round, then masked
-(:mod:`nnunet_fed.deployment.secure_aggregation`). How a site keeps each federation's round states and outputs apart: :mod:`nnunet_fed.deployment.
-site_runtime`.
+(:mod:`nnunet_fed.deployment.secure_aggregation`). How a site keeps each federation's round states and outputs
+apart: :mod:`nnunet_fed.deployment.site_runtime`.
 """
 from __future__ import annotations
 

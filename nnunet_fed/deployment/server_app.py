@@ -298,8 +298,8 @@ class FederationServer:
             if self.run.secure_aggregation:  # SecAgg+: the server gets the sum, never one site's update
                 dp = secure.client_dp_of(self.strategy)
                 total, secure_info = secure.secure_round(
-                    self.grid, self.exchange_messages, self.context, nodes, self.global_arrays, dict(content[msgs.CONFIG]), self.site_of,
-                    self.run.round_timeout, self.run.secagg_clip_range, self.run.secagg_max_weight,
+                    self.grid, self.exchange_messages, self.context, nodes, self.global_arrays,
+                    dict(content[msgs.CONFIG]), self.site_of, self.run.round_timeout, self.run.secagg_clip_range, self.run.secagg_max_weight,
                     client_dp_clip=dp.clip if dp is not None else None)
                 new_arrays = self.strategy.aggregate_secure(self.global_arrays, total)
             else:

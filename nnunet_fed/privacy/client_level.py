@@ -41,7 +41,8 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from nnunet_fed.federation.aggregation import FedAvg, NoValidUpdates, UpdateRejected, check_update
+from nnunet_fed.federation.aggregation import (FedAvg, NoValidUpdates, UpdateRejected, check_update,
+                                               no_valid_updates)
 from nnunet_fed.federation.trainer import nnUNetTrainerFederated
 from nnunet_fed.federation.update import Update
 from nnunet_fed.privacy import randomness
@@ -290,7 +291,7 @@ class ClientLevelDP:
         self.strategy.rejected, self.strategy.accepted = list(total.rejected), list(total.accepted)
         k = len(total.accepted)
         if k == 0:
-            raise NoValidUpdates(f"no valid update this round: {'; '.join(r for _, r in total.rejected)}")
+            raise no_valid_updates(total.rejected)
         self._check_enough(k)
         if self.adaptive and total.unclipped_fraction is None:
             raise ValueError("adaptive client-level DP needs the sites' unclipped bits in the secure sum")
