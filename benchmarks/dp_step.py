@@ -125,7 +125,7 @@ def main():
     arch = "ResidualEncoderUNet" if args.resenc else "PlainConvUNet"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f} "
           f"on {os.cpu_count()} CPUs, {arch}")
-    targets = {"2d": 2.0, "3d_fullres": 1.3}
+    targets = {"2d": 1.5, "3d_fullres": 1.0}
     for config in args.configs:
         if args.patch and len(args.patch) != len(CONFIGS[config][0]):
             ap.error(f"--patch {args.patch} does not fit {config}")

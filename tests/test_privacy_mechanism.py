@@ -58,6 +58,24 @@ def _case(arch, dim, batch, seed=0):
 CASES = [("plain", 2), ("res", 2), ("plain", 3), ("res", 3)]
 
 
+def _count_paths(clipper):
+    """Counts, per ``clipped_sum``, the layers whose norm took the ghost identity and those summed by the batched
+    weight-gradient pass (the others reuse their kept per-case gradients)."""
+    paths = {"ghost": 0, "ghost_layers": [], "batched": 0}
+    ghost, batched = clipper._ghost_sq_norms, clipper._batched
+
+    def counted_ghost(module, inp, grad):
+        paths["ghost"] += 1
+        paths["ghost_layers"].append(type(module).__name__)
+        return ghost(module, inp, grad)
+
+    def counted_batched(module, inp, grad):
+        paths["batched"] += 1
+        return batched(module, inp, grad)
+    clipper._ghost_sq_norms, clipper._batched = counted_ghost, counted_batched
+    return paths
+
+
 @pytest.mark.parametrize("arch,dim", CASES)
 def test_per_sample_gradients_are_exact(arch, dim):
     """Both strategies' clipped sums, norms and losses equal those of single-sample backward passes, each clipped
@@ -83,7 +101,15 @@ def test_per_sample_gradients_are_exact(arch, dim):
         for method in ("hooks", "loop"):
             for p in net.parameters():
                 p.grad = sentinel[p]
-            acc, norms, losses = PerSampleClipper(net, norm_type=norm_type, method=method).clipped_sum(x, psl, clip)
+            clipper = PerSampleClipper(net, norm_type=norm_type, method=method)
+            paths = _count_paths(clipper)
+            acc, norms, losses = clipper.clipped_sum(x, psl, clip)
+            if method == "hooks":
+                # the network takes every path of the hooks: ghost norms (L2 only; transposed convolutions
+                # included), per-case gradients kept for the sum, and the batched weight-gradient pass
+                n_layers = len(clipper.layers)
+                assert 0 < paths["batched"] < n_layers and paths["ghost"] < n_layers - paths["batched"]
+                assert ("ConvTranspose" in " ".join(paths["ghost_layers"])) == (norm_type == 2)
             torch.testing.assert_close(norms, torch.stack(ref_norms), rtol=1e-9, atol=1e-12)
             torch.testing.assert_close(losses, torch.stack(ref_losses), rtol=1e-12, atol=1e-12)
             for p in net.parameters():

@@ -21,11 +21,16 @@ The step:
    sees the gradient of the value before the in-place change);
 2. backward of ``sum_i loss_i`` to the activations only (parameters do not require grad during the pass, so no
    weight gradient is computed twice);
-3. per-sample gradient norms, layer by layer (each layer's per-sample gradients are freed right away; for 2d
-   convolutions on small feature maps the norm comes from the "ghost" identity without forming them);
+3. per-sample gradient norms, layer by layer. Where the feature map is small (the deep 2d convolutions and the
+   decoder's transposed convolutions, whose kernel equals their stride) the norm comes from the "ghost" identity
+   without forming the per-sample gradients. Elsewhere they are formed; a layer's are kept for step 5 when they
+   take no more memory than the layer's output gradient, which is held anyway (the layers on large feature maps,
+   whose weights are small), and freed at once otherwise;
 4. clip factors ``c_i``;
-5. the clipped sum ``sum_i c_i g_i`` of every parameter as one batched weight gradient with the output gradients
-   scaled by ``c_i`` (an ordinary weight-gradient computation).
+5. the clipped sum ``sum_i c_i g_i`` of every parameter: ``sum_i c_i g_i`` from the kept per-sample gradients, and
+   for the other layers one batched weight gradient with the output gradients scaled by ``c_i`` (an ordinary
+   weight-gradient computation). So no layer's weight gradient is computed more than twice, and the layers on
+   large feature maps, which dominate a step's cost, once.
 
 ``"loop"``: one ordinary forward + backward (``torch.autograd.grad`` of ``loss_i`` with respect to the parameters,
 so ``p.grad`` is not touched) per sample; the norm of ``g_i``, then ``c_i g_i`` is added to the accumulator.
@@ -34,12 +39,14 @@ so ``p.grad`` is not touched) per sample; the norm of ``g_i``, then ``c_i g_i`` 
 when a sample has at least ``LOOP_MIN_VOXELS`` voxels (a 128x128 2d patch, any 3d_fullres patch), and the hooks
 otherwise. The hooks cost a roughly fixed multiple of a plain batched step (one more weight-gradient pass, the
 norms); the loop costs what single-sample steps cost, which is a plain step's cost unless batching pays, i.e. for
-many small samples. Measured with ``benchmarks/dp_step.py --patch --batch`` on a shared 2-core CPU (DP step / plain
-step at the same batch, hooks vs loop, 1 thread): 2d 64x64 batch 24 1.78 vs 1.97 (2 threads: 1.62 vs 3.89), 2d
-64x64 batch 2 1.93 vs 1.76, 2d 128x128 batch 4 1.65 vs 1.20, 2d 128x128 batch 12 1.70 vs 1.18, 3d 24x32x32 batch 2
-1.76 vs 1.62, 3d 48x64x64 batch 2 1.50 vs 0.89. The loop won at every size from 16384 voxels a sample on; at 4096
-(2d 64x64) it won by 10 % at batch 2 but lost at batch 24, by 11 % (1 thread) to 2.4x (2 threads), so small samples
-keep the hooks, whose cost does not blow up with the batch. Measured on CPU only: on a GPU, single-sample passes
+many small samples. Measured with ``benchmarks/dp_step.py`` on an idle 2-core CPU, 2 threads (DP step / plain step
+at the same batch, hooks vs loop): 2d 64x64 batch 24 1.42 vs 2.52 (ResidualEncoderUNet 1.44 vs 3.17), 3d_fullres
+48x64x64 batch 2 1.16 vs 0.85. Before step 5 reused per-sample gradients and the transposed convolutions took the
+ghost norm, the hooks measured (``--patch --batch``, shared CPU, 1 thread): 2d 64x64 batch 24 1.78 vs 1.97, 2d 64x64
+batch 2 1.93 vs 1.76, 2d 128x128 batch 4 1.65 vs 1.20, 2d 128x128 batch 12 1.70 vs 1.18, 3d 24x32x32 batch 2 1.76 vs
+1.62, 3d 48x64x64 batch 2 1.50 vs 0.89. The loop won at every size from 16384 voxels a sample on; at 4096 (2d 64x64)
+it won by 10 % at batch 2 but lost at batch 24, so small samples keep the hooks, whose cost does not blow up with
+the batch. Measured on CPU only: on a GPU, single-sample passes
 fill the device less and the threshold is likely higher (the trainer option ``per_sample_method`` overrides it).
 
 ``loss_i`` is nnU-Net's loss (Dice + CE, deep supervision) evaluated on sample ``i`` alone, so with
@@ -50,6 +57,7 @@ refused (also for the loop, which would not need it, so that both strategies acc
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -233,20 +241,30 @@ class PerSampleClipper:
         del output
         cases = batch // group
         sq = torch.zeros(cases, dtype=torch.float64, device=data.device)
-        for module, inp, grad in records:
+        kept: dict[int, list] = {}  # record -> [(parameter, per-case gradients (cases, *shape))]
+        for k, (module, inp, grad) in enumerate(records):
             if grad is None:
                 continue
-            if group == 1 and self.norm_type == 2 and self._ghost_is_cheaper(module, inp, grad):
-                sq += self._conv_ghost_sq_norms(module, inp, grad)
+            if group == 1 and self.norm_type == 2 and self._ghost_is_cheaper(module, grad):
+                sq += self._ghost_sq_norms(module, inp, grad)
                 continue
-            for g in self._per_sample(module, inp, grad):
-                g = g.flatten(1) if group == 1 else g.reshape(cases, group, -1).mean(1)  # a case: its copies' mean
-                n = torch.linalg.vector_norm(g, ord=self.norm_type, dim=1).double()
+            per_case = []
+            for p, g in self._per_sample(module, inp, grad):
+                g = g if group == 1 else g.reshape(cases, group, *g.shape[1:]).mean(1)  # a case: its copies' mean
+                n = torch.linalg.vector_norm(g.flatten(1), ord=self.norm_type, dim=1).double()
                 sq += n * n if self.norm_type == 2 else n
+                per_case.append((p, g))
+            if sum(g.numel() for _, g in per_case) <= grad.numel():
+                kept[k] = per_case  # no larger than the output gradient already held: reused for the sum
         norms = sq.sqrt() if self.norm_type == 2 else sq
+        case_factors = self._factors(norms, max_norm, data.dtype)
         # each copy's output gradient scaled by its case's factor / group: the scaled sum is sum_i c_i mean_k g_ik
-        factors = self._factors(norms, max_norm, data.dtype).repeat_interleave(group) / group
-        for module, inp, grad in records:
+        factors = case_factors.repeat_interleave(group) / group
+        for k, (module, inp, grad) in enumerate(records):
+            if k in kept:
+                for p, g in kept.pop(k):
+                    self._accumulate(acc, p, torch.tensordot(case_factors, g, dims=1))
+                continue
             if grad is None:
                 continue
             scaled = grad * factors.view(-1, *([1] * (grad.dim() - 1)))
@@ -264,39 +282,66 @@ class PerSampleClipper:
     def _x_hat(module, inp):
         return nn.functional.instance_norm(inp, eps=module.eps)
 
-    def _per_sample(self, module, inp, grad) -> Sequence[torch.Tensor]:
-        """Each parameter's per-sample gradients, shape (batch, *param.shape)."""
+    def _per_sample(self, module, inp, grad) -> Sequence[tuple[torch.Tensor, torch.Tensor]]:
+        """(parameter, its per-sample gradients of shape (batch, *param.shape)) for each trained parameter."""
         out = []
         dims = _spatial_dims(grad)
         if isinstance(module, _InstanceNorm):
             if module.weight is not None and module.weight.requires_grad:
-                out.append((grad * self._x_hat(module, inp)).sum(dims))
+                out.append((module.weight, (grad * self._x_hat(module, inp)).sum(dims)))
             if module.bias is not None and module.bias.requires_grad:
-                out.append(grad.sum(dims))
+                out.append((module.bias, grad.sum(dims)))
             return out
         if module.weight.requires_grad:
-            out.append(self._conv_weight_per_sample(module, inp, grad))
+            out.append((module.weight, self._conv_weight_per_sample(module, inp, grad)))
         if module.bias is not None and module.bias.requires_grad:
-            out.append(grad.sum(dims))
+            out.append((module.bias, grad.sum(dims)))
         return out
 
     @staticmethod
-    def _ghost_is_cheaper(module, inp, grad) -> bool:
-        """Ghost norm (Goodfellow 2015; Li et al. 2022) for 2d convolutions where the feature map is small:
-        ``||sum_t g_t a_t^T||^2 = sum_{t,s} (g_t . g_s)(a_t . a_s)`` costs T^2 (D + C_out) instead of T D C_out."""
-        if not isinstance(module, nn.Conv2d) or module.groups != 1 or isinstance(module.padding, str):
-            return False
-        positions = grad.shape[2] * grad.shape[3]
-        d = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
-        return positions * (d + module.out_channels) < 0.5 * d * module.out_channels
+    def _matmul_form(module, grad) -> tuple[int, int, int] | None:
+        """(D, C, T) when a layer's per-sample weight gradient is a product ``g_b a_b^T`` of (C, T) and (D, T)
+        matrices that ``_as_matmul`` forms, else None: a 2d convolution (``a`` its unfolded input patches) or a
+        transposed convolution whose kernel equals its stride, without padding (nnU-Net's decoder upsampling:
+        each input position fills its own block of the output, in any dimension)."""
+        if not isinstance(module, _ConvNd) or isinstance(module.padding, str) or module.groups != 1:
+            return None
+        k = math.prod(module.kernel_size)
+        if isinstance(module, nn.Conv2d):
+            return module.in_channels * k, module.out_channels, grad.shape[2] * grad.shape[3]
+        if (module.transposed and tuple(module.kernel_size) == tuple(module.stride) and not any(module.padding)
+                and not any(module.output_padding) and all(d == 1 for d in module.dilation)):
+            return module.in_channels, module.out_channels * k, grad[0, 0].numel() // k
+        return None
 
     @staticmethod
-    def _conv_ghost_sq_norms(module, inp, grad) -> torch.Tensor:
-        a = nn.functional.unfold(inp, module.kernel_size, module.dilation, module.padding, module.stride)  # (B, D, T)
-        g = grad.flatten(2)  # (B, C_out, T)
+    def _as_matmul(module, inp, grad) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, g) of shapes (B, D, T), (B, C, T) for a layer ``_matmul_form`` accepts."""
+        if isinstance(module, nn.Conv2d):
+            a = nn.functional.unfold(inp, module.kernel_size, module.dilation, module.padding, module.stride)
+            return a, grad.flatten(2)
+        b, dim = inp.shape[0], len(module.kernel_size)
+        blocks = []  # the output (B, C, n_1 k_1, ..., n_d k_d) as (B, C, n_1, k_1, ..., n_d, k_d)
+        for n, k in zip(inp.shape[2:], module.kernel_size):
+            blocks += [n, k]
+        g = grad.reshape(b, grad.shape[1], *blocks)
+        g = g.permute(0, 1, *[3 + 2 * i for i in range(dim)], *[2 + 2 * i for i in range(dim)])
+        return inp.flatten(2), g.reshape(b, grad.shape[1] * math.prod(module.kernel_size), -1)
+
+    def _ghost_is_cheaper(self, module, grad) -> bool:
+        """Ghost norm (Goodfellow 2015; Li et al. 2022) where the feature map is small:
+        ``||sum_t g_t a_t^T||^2 = sum_{t,s} (g_t . g_s)(a_t . a_s)`` costs T^2 (D + C) instead of T D C."""
+        form = self._matmul_form(module, grad)
+        if form is None:
+            return False
+        d, c, positions = form
+        return positions * (d + c) < 0.5 * d * c
+
+    def _ghost_sq_norms(self, module, inp, grad) -> torch.Tensor:
+        a, g = self._as_matmul(module, inp, grad)
         sq = ((a.transpose(1, 2) @ a) * (g.transpose(1, 2) @ g)).sum((1, 2)).double()
         if module.bias is not None and module.bias.requires_grad:
-            sq += g.sum(2).double().pow(2).sum(1)
+            sq += grad.flatten(2).sum(2).double().pow(2).sum(1)
         return sq
 
     @staticmethod
