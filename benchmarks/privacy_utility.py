@@ -4,7 +4,8 @@ epsilon 1, 2, 4 and 8 (delta 1e-5), mean and std over seeds, as a table and a PN
 (``<workdir>/privacy_utility.png``). Each run is ``nnunet_fed simulate``; the global model predicts every
 site's imagesTs with nnU-Net's predictor and nnU-Net's evaluation scores them against labelsTs.
 
-    python3 benchmarks/privacy_utility.py                 # the README table
+    python3 benchmarks/privacy_utility.py                 # the README table (10 rounds x 8 steps, batch 256)
+    python3 benchmarks/privacy_utility.py --epsilons 8 --seeds 1   # a part of it (about 35 min on 2 CPU cores)
     python3 benchmarks/privacy_utility.py --quick         # smoke run: tiny sites, 1 seed, a minute or two
     python3 benchmarks/privacy_utility.py --device cuda --num-train 600 --rounds 20 --local-steps 40
     python3 benchmarks/privacy_utility.py --workdir A --methods nnUNetTrainerFedAvg nnUNetTrainerFedDP &
@@ -12,6 +13,8 @@ site's imagesTs with nnU-Net's predictor and nnU-Net's evaluation scores them ag
     python3 benchmarks/privacy_utility.py --report A B                                   # one table
     python3 benchmarks/privacy_utility.py --methods nnUNetTrainerFedDP --variant automatic -o clipping=automatic
                                                           # a lever: its runs kept apart, its own table and plot
+    python3 benchmarks/privacy_utility.py --methods nnUNetTrainerFedADP --variant fedavgm --strategy fedavgm
+        --strategy-option server_momentum=0.9             # (one line) a server-side lever: no privacy cost
 
 nnU-Net plans site 0 and its plans are moved to the other sites (one target spacing and normalisation, as a
 federation needs); the DP trainers are told the plans are public (``public_plans``): the epsilon in the table
@@ -51,9 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--num-train", type=int, default=1000, help="training cases per site")
     p.add_argument("--num-test", type=int, default=20, help="held-out cases per site")
     p.add_argument("--size", type=int, default=32, help="image side (pixels)")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--local-steps", type=int, default=8)
-    p.add_argument("--expected-batch-size", type=int, default=32,
+    p.add_argument("--expected-batch-size", type=int, default=256,
                    help="DP trainers: expected logical (Poisson) batch, accumulated over nnU-Net's physical batches")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
@@ -62,6 +65,11 @@ def parse_args(argv=None):
     p.add_argument("-o", "--option", action="append", default=[], metavar="NAME=VALUE",
                    help="extra option for the DP trainers (e.g. max_grad_norm=1.0)")
     p.add_argument("--methods", nargs="+", default=None, help="subset of trainers to run")
+    p.add_argument("--strategy", default="fedavg",
+                   help="the server's rule for the DP runs of a --variant (a lever: e.g. fedavgm, fedadam; "
+                        "post-processing of the noisy updates, no privacy cost)")
+    p.add_argument("--strategy-option", action="append", default=[], metavar="NAME=VALUE",
+                   help="a setting of --strategy (e.g. server_momentum=0.9)")
     p.add_argument("--variant", default="",
                    help="a name for the DP runs of this command's -o options (a lever: e.g. --variant mult4 -o "
                         "augmentation_multiplicity=4), kept apart from the runs without it")
@@ -72,6 +80,8 @@ def parse_args(argv=None):
                    help="no training: the table of the finished runs in these workdirs (same settings; e.g. several "
                         "processes, each running some --methods in its own workdir)")
     args = p.parse_args(argv)
+    if (args.strategy.lower() != "fedavg" or args.strategy_option) and not args.variant:
+        p.error("--strategy and --strategy-option are levers: name them with --variant, so their runs are kept apart")
     if args.quick:
         args.num_train, args.num_test, args.rounds, args.local_steps, args.seeds = 40, 5, 2, 3, 1
         args.expected_batch_size = 4
@@ -122,22 +132,28 @@ def main(argv=None) -> int:
                           f"kept (--rerun to train it again)", flush=True)
                     continue
                 t0 = time.time()
+                server = {"strategy": args.strategy, "strategy_options": parse_options(args.strategy_option)} \
+                    if eps is not None else {}
                 out = simulate(SimulationConfig(dataset_ids=names, configuration="2d", trainer=trainer,
                                                 rounds=args.rounds, local_steps=args.local_steps, val_steps=1,
                                                 device=args.device, federation_name=fed, seed=1000 + seed,
                                                 fresh=True, final_validation=False, progress=False,
-                                                trainer_options=options))
+                                                trainer_options=options, **server))
                 train_s = time.time() - t0
                 with contextlib.redirect_stdout(io.StringIO()):
                     predict_sites(out["global_model_folder"], names, folders["nnUNet_raw"],
                                   os.path.join(args.workdir, "predictions", fed), args.device)
+                if eps is not None:  # each site's ledger, kept with the run (the trainer's next run rewrites it)
+                    keep_ledgers(folders["nnUNet_results"], trainer, names, ledger_dir(args.workdir, fed))
                 run = score_run(args.workdir, label, trainer, eps, seed, names, variant)
                 run["train_seconds"] = train_s
+                run["options"], run["server"] = options, server or {"strategy": "fedavg"}
                 with open(os.path.join(args.workdir, RUNS_FILE), "a") as f:
                     f.write(json.dumps(run) + "\n")
                 print(f"{label:22s} eps={eps if eps is not None else '-':>4} seed {seed}: mean Dice "
                       f"{run['mean_dice']:.3f} (sites {', '.join(f'{v:.3f}' for v in run['dice'].values())}), "
-                      f"epsilon spent {run['epsilon_spent']}, {train_s:.0f} s", flush=True)
+                      f"epsilon spent {run['epsilon_spent']} (dp_accounting: {run['epsilon_dp_accounting']}), "
+                      f"{train_s:.0f} s", flush=True)
     report([args.workdir], args)
     print(f"total {time.time() - t_start:.0f} s")
     return 0
@@ -176,6 +192,37 @@ def run_finished(workdir: str, trainer: str, eps, seed: int, names: list[str], v
     return True
 
 
+def ledger_dir(workdir: str, fed: str) -> str:
+    return os.path.join(workdir, "ledgers", fed)
+
+
+def keep_ledgers(results: str, trainer: str, names: list[str], dest: str) -> None:
+    """Copy each site's privacy ledger of the run just finished to ``dest`` (``<site>.json``)."""
+    import shutil
+
+    from nnunet_fed.privacy.ledger import LEDGER_FILE
+
+    os.makedirs(dest, exist_ok=True)
+    for n in names:
+        shutil.copyfile(os.path.join(results, n, f"{trainer}__nnUNetPlans__2d", "fold_0", LEDGER_FILE),
+                        os.path.join(dest, f"{n}.json"))
+
+
+def independent_epsilons(folder: str, names: list[str]) -> list[float]:
+    """Each kept ledger's total recomputed with Google's dp_accounting (``ledger.independent_epsilon``), an
+    accountant independent of the Opacus one that calibrated the noise; empty when none was kept."""
+    from nnunet_fed.privacy.ledger import PrivacyLedger, independent_epsilon
+
+    out = []
+    for n in names:
+        path = os.path.join(folder, f"{n}.json")
+        if os.path.isfile(path):
+            check = independent_epsilon(PrivacyLedger.load(path))
+            if check is not None:
+                out.append(check)
+    return out
+
+
 def score_run(workdir: str, label: str, trainer: str, eps, seed: int, names: list[str],
               variant: str = "") -> dict | None:
     """A finished run's Dice per site (nnU-Net's evaluation of its predictions against labelsTs, mean of organ
@@ -195,8 +242,10 @@ def score_run(workdir: str, label: str, trainer: str, eps, seed: int, names: lis
     with open(metrics_file) as f:
         last = [json.loads(line) for line in f if line.strip()][-1]
     spent = [m["epsilon"] for m in last["sites"].values() if m.get("epsilon") is not None]
+    checked = independent_epsilons(ledger_dir(workdir, run_name(trainer, eps, seed, variant)), names)
     return {"method": label, "variant": variant, "trainer": trainer, "target_epsilon": eps, "seed": seed, "dice": dice,
-            "mean_dice": float(np.mean(list(dice.values()))), "epsilon_spent": max(spent) if spent else None}
+            "mean_dice": float(np.mean(list(dice.values()))), "epsilon_spent": max(spent) if spent else None,
+            "epsilon_dp_accounting": max(checked) if checked else None}
 
 
 def plot_runs(runs: list[dict], path: str) -> None:
@@ -253,13 +302,16 @@ def report(workdirs: list[str], args) -> str:
             per_site = {n: (np.mean([r["dice"][n] for r in rs]), np.std([r["dice"][n] for r in rs])) for n in names}
             means = [r["mean_dice"] for r in rs]
             spent = [r["epsilon_spent"] for r in rs if r["epsilon_spent"] is not None]
+            checked = [r["epsilon_dp_accounting"] for r in rs if r.get("epsilon_dp_accounting") is not None]
             rows.append((label + (f" [{args.variant}]" if args.variant and eps is not None else ""),
                          "-" if eps is None else f"{eps:g}",
                          *[f"{100 * m:.1f} ± {100 * s:.1f}" for m, s in per_site.values()],
                          f"{100 * np.mean(means):.1f} ± {100 * np.std(means):.1f}", str(len(rs)),
-                         f"{max(spent):.3f}" if spent else "-"))
+                         f"{max(spent):.3f}" if spent else "-",
+                         f"{max(checked):.3f} ({len(checked)} of {len(rs)} runs)" if checked else "-"))
     plot_runs(runs, os.path.join(workdirs[0], f"privacy_utility{f'_{args.variant}' if args.variant else ''}.png"))
-    header = ("method", "target epsilon", *[f"site {k}" for k in range(SITES)], "mean", "seeds", "max epsilon spent")
+    header = ("method", "target epsilon", *[f"site {k}" for k in range(SITES)], "mean", "seeds", "max epsilon spent",
+              "dp_accounting")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
     table = "\n".join(lines)
     print()

@@ -71,10 +71,6 @@ def quantization_error_bound(num_sites: int, clip_range: float, total_weight_rat
     return num_sites * step / total_weight_ratio
 
 
-def float_names(arrays: Mapping[str, np.ndarray]) -> list[str]:
-    return [k for k, v in arrays.items() if np.issubdtype(np.asarray(v).dtype, np.floating)]
-
-
 # ------------------------------------------------------------------------------------------------ site side
 def secure_update(update, global_arrays: Mapping[str, np.ndarray], config: Mapping):
     """What a site puts under the masks for a secure round (run where the site trains, before anything leaves it):
@@ -86,7 +82,7 @@ def secure_update(update, global_arrays: Mapping[str, np.ndarray], config: Mappi
 
     Raises :class:`nnunet_fed.federation.aggregation.UpdateRejected` (names, shapes, NaN/Inf) or
     :class:`SecureAggregationError` (a value outside the range, a weight above the maximum), naming the site."""
-    from nnunet_fed.federation.aggregation import check_update
+    from nnunet_fed.federation.aggregation import check_update, float_names
     from nnunet_fed.federation.update import Update
     from nnunet_fed.privacy.client_level import clip_update
 
@@ -266,7 +262,7 @@ def secure_round(grid, exchange, context: Context, nodes: list[int], global_arra
     from flwr.server.workflow import SecAggPlusWorkflow
     from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
-    from nnunet_fed.federation.aggregation import SecureSum
+    from nnunet_fed.federation.aggregation import SecureSum, float_names
     from nnunet_fed.federation.update import Update
 
     names = list(global_arrays)

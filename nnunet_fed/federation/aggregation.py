@@ -171,9 +171,14 @@ def add_mean_delta(global_arrays: Mapping[str, np.ndarray], mean_delta: Mapping[
     return out
 
 
+def float_names(arrays: Mapping[str, np.ndarray]) -> list[str]:
+    """The names of the floating-point arrays (the ones rounds average; integer buffers are kept as they are)."""
+    return [k for k, v in arrays.items() if np.issubdtype(np.asarray(v).dtype, np.floating)]
+
+
 def _flat_delta(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]):
     """(all floating-point arrays minus the reference, the first convolution's), flattened in float64."""
-    names = [k for k, v in reference.items() if np.issubdtype(v.dtype, np.floating)]
+    names = float_names(reference)
     first_conv = next((k for k in names if reference[k].ndim >= 3), names[0])
     diff = lambda k: (np.asarray(arrays[k], np.float64) - reference[k]).ravel()  # noqa: E731
     return np.concatenate([diff(k) for k in names]), diff(first_conv)

@@ -41,7 +41,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from nnunet_fed.federation.aggregation import (FedAvg, NoValidUpdates, UpdateRejected, check_update,
+from nnunet_fed.federation.aggregation import (FedAvg, NoValidUpdates, UpdateRejected, check_update, float_names,
                                                no_valid_updates)
 from nnunet_fed.federation.trainer import nnUNetTrainerFederated
 from nnunet_fed.federation.update import Update
@@ -257,7 +257,7 @@ class ClientLevelDP:
         generator untouched: only a round that returns is released and accounted."""
         self._check_can_release()
         clip = self.clip
-        floats = [k for k, v in global_arrays.items() if np.issubdtype(v.dtype, np.floating)]
+        floats = float_names(global_arrays)
         bits: dict[str, float] = {}
 
         def clipped_updates():
@@ -295,7 +295,7 @@ class ClientLevelDP:
         self._check_enough(k)
         if self.adaptive and total.unclipped_fraction is None:
             raise ValueError("adaptive client-level DP needs the sites' unclipped bits in the secure sum")
-        floats = [n for n, v in global_arrays.items() if np.issubdtype(v.dtype, np.floating)]
+        floats = float_names(global_arrays)
         sums = {n: k * np.asarray(total.mean_delta[n], np.float64) for n in floats}
         return self._release(global_arrays, sums, k * float(total.unclipped_fraction or 0.0), k)
 
