@@ -144,7 +144,7 @@ def main(argv=None) -> int:
                     predict_sites(out["global_model_folder"], names, folders["nnUNet_raw"],
                                   os.path.join(args.workdir, "predictions", fed), args.device)
                 if eps is not None:  # each site's ledger, kept with the run (the trainer's next run rewrites it)
-                    keep_ledgers(folders["nnUNet_results"], trainer, names, ledger_dir(args.workdir, fed))
+                    keep_ledgers(out["global_model_folder"], ledger_dir(args.workdir, fed))
                 run = score_run(args.workdir, label, trainer, eps, seed, names, variant)
                 run["train_seconds"] = train_s
                 run["options"], run["server"] = options, server or {"strategy": "fedavg"}
@@ -196,16 +196,16 @@ def ledger_dir(workdir: str, fed: str) -> str:
     return os.path.join(workdir, "ledgers", fed)
 
 
-def keep_ledgers(results: str, trainer: str, names: list[str], dest: str) -> None:
-    """Copy each site's privacy ledger of the run just finished to ``dest`` (``<site>.json``)."""
+def keep_ledgers(model_folder: str, dest: str) -> None:
+    """Copy the privacy ledger of every site of the run just finished (``ledger.find_ledgers`` on the run's
+    global model folder) to ``dest`` as ``<site>.json``."""
     import shutil
 
-    from nnunet_fed.privacy.ledger import LEDGER_FILE
+    from nnunet_fed.privacy.ledger import PrivacyLedger, find_ledgers
 
     os.makedirs(dest, exist_ok=True)
-    for n in names:
-        shutil.copyfile(os.path.join(results, n, f"{trainer}__nnUNetPlans__2d", "fold_0", LEDGER_FILE),
-                        os.path.join(dest, f"{n}.json"))
+    for path in find_ledgers(model_folder):
+        shutil.copyfile(path, os.path.join(dest, f"{PrivacyLedger.load(path).site}.json"))
 
 
 def independent_epsilons(folder: str, names: list[str]) -> list[float]:
