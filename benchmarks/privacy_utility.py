@@ -56,8 +56,10 @@ def parse_args(argv=None):
     p.add_argument("--size", type=int, default=32, help="image side (pixels)")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--local-steps", type=int, default=8)
-    p.add_argument("--expected-batch-size", type=int, default=256,
-                   help="DP trainers: expected logical (Poisson) batch, accumulated over nnU-Net's physical batches")
+    p.add_argument("--expected-batch-size", type=int, default=None,
+                   help="DP trainers: expected logical (Poisson) batch, accumulated over nnU-Net's physical batches "
+                        "(default: the trainers' own rule, which picks 256 on these sites: only target_epsilon is "
+                        "set, as a user would)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
     p.add_argument("--delta", type=float, default=1e-5)
@@ -123,8 +125,9 @@ def main(argv=None) -> int:
                 # nnU-Net's plans of site 0 (moved to every site) are declared public, as in every row of the
                 # table, so the epsilon covers the case count and the training (not the planning)
                 options = {} if eps is None else {"target_epsilon": str(eps), "target_delta": str(args.delta),
-                                                  "expected_batch_size": str(args.expected_batch_size),
                                                   "public_plans": "true", **parse_options(args.option)}
+                if eps is not None and args.expected_batch_size is not None:
+                    options["expected_batch_size"] = str(args.expected_batch_size)
                 variant = args.variant if eps is not None else ""  # levers change the DP trainers only
                 fed = run_name(trainer, eps, seed, variant)
                 if not args.rerun and run_finished(args.workdir, trainer, eps, seed, names, variant):
@@ -316,7 +319,7 @@ def report(workdirs: list[str], args) -> str:
     table = "\n".join(lines)
     print()
     print(f"Dice (%) on held-out cases, mean ± std over seeds; {args.num_train} training cases per site, {args.rounds} "
-          f"rounds x {args.local_steps} local steps, DP expected batch {args.expected_batch_size}, delta {args.delta:g}")
+          f"rounds x {args.local_steps} local steps, DP expected batch {args.expected_batch_size or "by the trainers' default rule"}, delta {args.delta:g}")
     print(table)
     with open(os.path.join(workdirs[0], "privacy_utility.json"), "w") as f:
         json.dump({"args": vars(args), "workdirs": workdirs, "runs": runs, "table": table}, f, indent=2)

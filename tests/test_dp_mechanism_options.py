@@ -137,6 +137,30 @@ def test_tan_rule_chooses_a_batch_within_the_target_epsilon():
         assert r["expected_batch_size"] > 12 and r["reason"].startswith("total amount of noise")
 
 
+def test_default_rule_takes_the_largest_batch_within_the_target_epsilon():
+    """The default (only target_epsilon set): B = min(max_expected_batch, N~/2), at least the physical batch; its
+    calibrated sigma spends at most the target (reproduced by dp_accounting) and its sigma / B is the lowest of the
+    tan rule's candidates, i.e. the default takes the least noise per averaged gradient the compute cap allows."""
+    from nnunet_fed.privacy import accountant as acct
+    from nnunet_fed.privacy.configuration import choose_expected_batch, largest_batch_configuration
+
+    assert largest_batch_configuration(12, 30.0, 256)["expected_batch_size"] == 15
+    assert largest_batch_configuration(12, 10.0, 256)["sampling_rate"] == 1.0  # small site: the physical batch
+    assert largest_batch_configuration(12, -3.0, 256)["expected_batch_size"] == 12
+    events = [["gaussian", 10.0, 1.0, 1]]
+    for target, noisy, steps, rounds in ((1.0, 1000.0, 50, 20), (8.0, 1000.0, 50, 20), (8.0, 800.0, 8, 10),
+                                         (2.0, 300.0, 8, 10)):
+        conf = largest_batch_configuration(12, noisy, 256)
+        assert conf["expected_batch_size"] == min(256, noisy / 2) and conf["rule"] == "largest"
+        sigma = acct.calibrate(target, 1e-5, conf["sampling_rate"], steps, rounds, events=events)
+        history = acct.planned_schedule(sigma, conf["sampling_rate"], steps, rounds)
+        eps = dp_accounting_epsilon({"events": events, "history": history, "delta": 1e-5})
+        assert 0.9 * target <= eps <= target * 1.01
+        tan = choose_expected_batch(target, 1e-5, noisy, 12, steps, rounds, max_expected_batch=256, events=events)
+        etas = [c["eta"] for c in tan["candidates"] if c["eta"] is not None]
+        assert sigma / conf["expected_batch_size"] <= min(etas) * 1.001, (sigma, etas)
+
+
 def test_simulate_with_multiplicity_automatic_clipping_and_the_batch_rule(site_env):
     """A DP federation with four augmented copies per sampled case, automatic clipping and batch_rule=tan: it
     trains, the logical batches hold whole cases (the privacy report counts cases, not copies), the report says

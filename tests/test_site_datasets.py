@@ -420,7 +420,7 @@ FEDERATIONS = {  # layout of the federation -> (layouts of its sites, training c
 }
 TRAINERS = {
     "nnUNetTrainerFedAvg": [],
-    # only target_epsilon (5): the default expected batch (nnU-Net's batch size) exceeds these sites' case counts
+    # only target_epsilon: the default rule (largest) falls back to nnU-Net's batch, above half these sites' counts
     "nnUNetTrainerFedADP": ["-o", "public_plans=true", "-o", "target_epsilon=8"],
     "nnUNetTrainerFedOAP": ["-o", "finetune_steps=1"],
 }
@@ -486,6 +486,14 @@ def _federate_and_predict(federation, trainer, capsys, pred_dir, planned_before:
     assert len(rounds) == 1 and set(rounds[0]["sites"]) == set(names)
     if federation["layout"] == "tiny-no-foreground" and trainer == "nnUNetTrainerFedAvg":
         assert rounds[0]["sites"][names[1]]["num_examples"] == 3  # all its cases: too few for a 5-fold split
+    if trainer == "nnUNetTrainerFedADP":  # only target_epsilon set: the default batch rule, recorded with its reason
+        for name in names:
+            with open(os.path.join(results, name, os.path.basename(model), "fold_0", "privacy_report.json")) as f:
+                rep = json.load(f)
+            conf, half = rep["configuration"], rep["noisy_num_training_cases"] / 2
+            assert conf["rule"] == "largest" and "Sander et al. 2023" in conf["reason"]
+            assert rep["expected_batch_size"] == max(rep["physical_batch_size"], min(256, half)) == \
+                conf["expected_batch_size"] and 0 < rep["epsilon"] <= 8
 
     line = next(ln for ln in out.splitlines() if ln.startswith("predict with: "))
     command = line[len("predict with: "):].split(" (personalised")[0]

@@ -1,6 +1,11 @@
 """DP-aware choice of the logical batch: given the target epsilon, the site's (noisy) number of cases and the step
 schedule, which expected batch size and noise multiplier to train with.
 
+Two rules. The default (``batch_rule=largest``, :func:`largest_batch_configuration`) takes the largest expected
+batch the compute cap ``max_expected_batch`` and the site allow; ``batch_rule=tan`` (:func:`choose_expected_batch`)
+takes the smallest batch whose total amount of noise is within 10 % of the best, trading a little noise for
+compute. Both read only public values.
+
 The rule follows Sander et al. 2023 ("TAN without a burn: scaling laws of DP-SGD"): at a fixed number of steps
 and a fixed privacy budget, what DP-SGD's utility depends on is the total amount of noise,
 ``eta = sigma / B`` (noise multiplier over expected batch size: the noise std on the averaged gradient, in clip
@@ -19,10 +24,30 @@ from __future__ import annotations
 from nnunet_fed.privacy import accountant as acct
 
 
+def largest_expected_batch(physical_batch: int, noisy_cases: float, max_expected_batch: float) -> float:
+    """``min(max_expected_batch, noisy_cases / 2)``, and at least the physical batch (the noisy count of a small site
+    may be below it, even negative): the largest expected logical batch the rules consider. At a fixed number of
+    steps and a fixed epsilon, ``eta = sigma(B) / B`` does not grow with ``B`` (Sander et al. 2023, Fig. 1; on
+    this project's schedules it falls or stays level up to q = 1/2), so this is the default expected batch of the
+    DP trainers: the least noise per averaged gradient at a compute cost per step of ``max_expected_batch`` cases."""
+    return max(float(physical_batch), min(float(max_expected_batch), float(noisy_cases) / 2.0))
+
+
+def largest_batch_configuration(physical_batch: int, noisy_cases: float, max_expected_batch: float) -> dict:
+    """The default rule (``batch_rule=largest``) as the privacy report records it: ``{"expected_batch_size",
+    "sampling_rate", "rule", "reason"}`` (the noise multiplier is calibrated afterwards from this ``q``)."""
+    b = largest_expected_batch(physical_batch, noisy_cases, max_expected_batch)
+    q = b / max(float(noisy_cases), b)
+    reason = (f"the largest expected batch up to max_expected_batch={float(max_expected_batch):g} and half the noisy "
+              f"case count {float(noisy_cases):.1f} (at least the physical batch {physical_batch}): at a fixed number "
+              f"of steps and epsilon the total amount of noise sigma / B does not grow with B (Sander et al. 2023); "
+              f"B = {b:g}, q = {q:.4g}")
+    return {"expected_batch_size": b, "sampling_rate": q, "rule": "largest", "reason": reason}
+
+
 def batch_candidates(physical_batch: int, noisy_cases: float, max_expected_batch: float) -> list[float]:
-    """``physical_batch * 2**k`` up to ``min(max_expected_batch, noisy_cases / 2)``, and at least the physical batch
-    (the noisy count of a small site may be below it, even negative)."""
-    cap = max(float(physical_batch), min(float(max_expected_batch), float(noisy_cases) / 2.0))
+    """``physical_batch * 2**k`` up to :func:`largest_expected_batch`, and at least the physical batch."""
+    cap = largest_expected_batch(physical_batch, noisy_cases, max_expected_batch)
     out, b = [], float(physical_batch)
     while b <= cap * (1 + 1e-9):
         out.append(b)

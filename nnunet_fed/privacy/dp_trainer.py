@@ -143,16 +143,17 @@ class nnUNetTrainerDPBase(nnUNetTrainerFederated):
     """Sample-level (training case) differential privacy for every round a site trains."""
 
     private = True
-    option_choices = {"clipping": PER_SAMPLE_CLIPPING, "batch_rule": ("fixed", "tan")}
+    option_choices = {"clipping": PER_SAMPLE_CLIPPING, "batch_rule": ("largest", "tan")}
     federated_options = {
         "target_epsilon": None,        # calibrate the noise to this epsilon (total, everything released)
         "target_delta": 1e-5,
         "noise_multiplier": None,      # or fix the (effective) noise multiplier yourself
         "max_grad_norm": 1.0,          # clipping threshold C (initial threshold when adaptive)
         "sampling_rate": None,         # q: probability that a case is in a logical batch ...
-        "expected_batch_size": None,   # ... or q = expected_batch_size / noisy case count (default: nnU-Net's batch)
-        "batch_rule": "fixed",         # fixed: as set above | tan: chosen from target_epsilon (privacy/configuration)
-        "max_expected_batch": 256.0,   # tan: the largest expected logical batch considered (compute per step)
+        "expected_batch_size": None,   # ... or q = expected_batch_size / noisy case count (default: batch_rule)
+        "batch_rule": "largest",       # neither set, target_epsilon set: largest (min(max_expected_batch, N~/2)) |
+                                       # tan (Sander et al.) (privacy/configuration); noise_multiplier set: nnU-Net's
+        "max_expected_batch": 256.0,   # the largest expected logical batch the rules consider (compute per step)
         "adaptive_clip": False,        # private quantile clipping (Andrew et al. 2021)
         "target_quantile": 0.5,
         "clip_lr": 0.2,
@@ -278,6 +279,13 @@ class nnUNetTrainerDPBase(nnUNetTrainerFederated):
             if not 0 < q <= 1:
                 raise acct.BudgetError(f"site {self.site_name}: sampling_rate must lie in (0, 1], got {q:g}")
             return q, max(q * noisy_cases, 1.0)
+        if o["expected_batch_size"] is None and o["target_epsilon"] is not None and o["noise_multiplier"] is None:
+            from nnunet_fed.privacy.configuration import largest_batch_configuration
+
+            self.dp_configuration = largest_batch_configuration(self.batch_size, noisy_cases,
+                                                                float(o["max_expected_batch"]))
+            self.print_to_log_file(f"DP configuration: {self.dp_configuration['reason']}")
+            return self.dp_configuration["sampling_rate"], self.dp_configuration["expected_batch_size"]
         b = float(o["expected_batch_size"]) if o["expected_batch_size"] is not None else float(self.batch_size)
         if not b > 0:
             raise acct.BudgetError(f"expected_batch_size must be > 0, got {b:g}")
@@ -586,7 +594,7 @@ class nnUNetTrainerDPBase(nnUNetTrainerFederated):
             "noise_multiplier": self.dp_sigma0, "noise_decay": float(o["noise_decay"]),
             "clip_norm": "L1" if self.dp_mechanism == "laplace" else "L2", "clipping": str(o["clipping"]),
             "augmentation_multiplicity": self.dp_multiplicity,
-            "configuration": getattr(self, "dp_configuration", None) or {"rule": "fixed"},
+            "configuration": getattr(self, "dp_configuration", None) or {"rule": "set by the user"},
             "adaptive_clip": bool(self.dp_adaptive), "initial_clip": float(o["max_grad_norm"]), "final_clip": self.dp_clip,
             "count_noise_multiplier": self.dp_adaptive.count_noise_multiplier if self.dp_adaptive else None,
             "target_quantile": float(o["target_quantile"]) if self.dp_adaptive else None,
