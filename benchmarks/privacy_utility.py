@@ -318,8 +318,9 @@ def report(workdirs: list[str], args) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
     table = "\n".join(lines)
     print()
+    batch = args.expected_batch_size or "by the trainers' default rule"
     print(f"Dice (%) on held-out cases, mean ± std over seeds; {args.num_train} training cases per site, {args.rounds} "
-          f"rounds x {args.local_steps} local steps, DP expected batch {args.expected_batch_size or "by the trainers' default rule"}, delta {args.delta:g}")
+          f"rounds x {args.local_steps} local steps, DP expected batch {batch}, delta {args.delta:g}")
     print(table)
     with open(os.path.join(workdirs[0], "privacy_utility.json"), "w") as f:
         json.dump({"args": vars(args), "workdirs": workdirs, "runs": runs, "table": table}, f, indent=2)
