@@ -148,28 +148,47 @@ def _committed_rounds(fold):
     return state["completed_rounds"] if state else 0
 
 
-def test_site_killed_mid_round_then_rejoins(site_env, federation):
-    """Three sites, --min-sites 2: one SuperNode is killed (SIGKILL) while the first round trains; the round
-    completes with the other two; the site rejoins and takes part in the next round."""
+def test_site_killed_mid_round_then_rejoins_under_secure_aggregation(site_env, federation):
+    """Three sites, --min-sites 2, --secure-aggregation, through a real SuperLink and SuperNodes: one SuperNode is
+    killed (SIGKILL) at its first SecAgg+ message of round 1; Flower's SecAgg+ round commits with the other two
+    (the threshold is 2); the site rejoins and takes part in round 2. In both rounds the server received no array in
+    the clear, one masked vector per site in the sum, and round 2's global model is the FedAvg of the three sites'
+    updates (from their round state files) within the quantisation bound."""
+    from conftest import site_round_updates
+    from nnunet_fed.federation.aggregation import FedAvg
+    from nnunet_fed.federation.records import load_server_state
+
     fed = federation
-    fed.server(2, "--min-sites", "2", "--round-timeout", "300")
+    fed.server(2, "--min-sites", "2", "--secure-aggregation", "--round-timeout", "300")
     for d in site_env["ids"]:
         fed.join(d)
     victim, victim_name = site_env["ids"][2], site_env["names"][2]
     fed.wait(lambda: fed.server_log().count("joined") >= 3, 240, "three sites joined the server")
-    # the victim's flwr-clientapp is training round 1 once its SuperNode reports the train message
+    # the victim's SuperNode reports round 1's first SecAgg+ message (the protocol's messages are train messages)
     fed.wait(lambda: "train message" in fed.log(f"site{victim}"), 120, "the round's train message at the site")
-    fed.kill(f"site{victim}")  # SIGKILL: the SuperNode, its SuperExec and the training flwr-clientapp
+    fed.kill(f"site{victim}")  # SIGKILL: the SuperNode, its SuperExec and its flwr-clientapp
     fed.join(victim, key="rejoined")  # the site restarts at once; it takes part from the next round on
     fed.wait_server()
 
     rows = fed.metrics()
     assert [r["round"] for r in rows] == [0, 1]
-    assert set(rows[0]["sites"]) == set(site_env["names"][:2])  # round 1 completed without the killed site
-    assert [f["site"] for f in rows[0]["failed"]] == [victim_name], rows[0]["failed"]
+    assert set(rows[0]["sites"]) == set(site_env["names"][:2])  # round 1 committed without the killed site
+    assert [f["site"] for f in rows[0]["rejected"] + rows[0]["failed"]] == [victim_name], rows[0]
     assert set(rows[1]["sites"]) == set(site_env["names"])  # the rejoined site trained round 2
+    for row, sites in zip(rows, (2, 3)):
+        info = row["secure_aggregation"]
+        assert info["arrays_received"] == 0 and info["masked_vectors_received"] == sites and info["threshold"] == 2
     assert _committed_rounds(fed.fold) == 2
     assert os.path.isfile(os.path.join(fed.fold, "checkpoint_final.pth"))
+    committed = load_server_state(fed.fold)["global_arrays"]
+    updates = site_round_updates(site_env, fed.fold, TRAINER, 1)
+    assert len(updates) == 3
+    expected = FedAvg().aggregate(committed, iter(updates))
+    bound = rows[1]["secure_aggregation"]["quantization_error_bound"] + 1e-6
+    worst = max(float(np.abs(committed[k].astype(np.float64) - expected[k]).max()) for k in expected)
+    assert worst <= bound, (worst, rows[1])
+    spread = max(float(np.abs(u.arrays[k] - expected[k]).max()) for u in updates for k in expected)
+    assert spread > 10 * bound  # the sites' models differ: a real average
     for name in site_env["names"]:  # no lost checkpoints: every site has its final model and its round state
         fold = _site_fold(site_env, name)
         assert os.path.isfile(os.path.join(fold, "checkpoint_final.pth")), name
@@ -179,34 +198,6 @@ def test_site_killed_mid_round_then_rejoins(site_env, federation):
     ck = torch.load(os.path.join(_site_fold(site_env, victim_name), "checkpoint_final.pth"), map_location="cpu",
                     weights_only=False)
     assert len(ck["logging"]["lrs"]) == 2  # the missed round is filled in; the LR schedule follows the federation
-
-
-def test_secure_aggregation_round_through_the_superlink(site_env, federation):
-    """--secure-aggregation with three sites through a real SuperLink and SuperNodes (site workers): Flower's SecAgg+
-    round commits, the server received no array in the clear and one masked vector per site, and the global model
-    is the FedAvg of the sites' updates (from their round state files) within the quantisation bound."""
-    from conftest import site_round_updates
-    from nnunet_fed.federation.aggregation import FedAvg
-    from nnunet_fed.federation.records import load_server_state
-
-    fed = federation
-    fed.server(1, "--min-sites", "3", "--secure-aggregation", "--round-timeout", "300")
-    for d in site_env["ids"]:
-        fed.join(d)
-    fed.wait_server()
-    rows = fed.metrics()
-    assert len(rows) == 1 and set(rows[0]["sites"]) == set(site_env["names"])
-    info = rows[0]["secure_aggregation"]
-    assert info["arrays_received"] == 0 and info["masked_vectors_received"] == 3 and info["threshold"] == 2
-    committed = load_server_state(fed.fold)["global_arrays"]
-    updates = site_round_updates(site_env, fed.fold, TRAINER, 0)
-    assert len(updates) == 3
-    expected = FedAvg().aggregate(committed, iter(updates))
-    worst = max(float(np.abs(committed[k].astype(np.float64) - expected[k]).max()) for k in expected)
-    assert worst <= info["quantization_error_bound"] + 1e-6, (worst, info)
-    spread = max(float(np.abs(u.arrays[k] - expected[k]).max()) for u in updates for k in expected)
-    assert spread > 10 * (info["quantization_error_bound"] + 1e-6)  # the sites' models differ: a real average
-    assert os.path.isfile(os.path.join(fed.fold, "checkpoint_final.pth"))
 
 
 def _process_group(pgid: int) -> list[int]:

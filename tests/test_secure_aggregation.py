@@ -244,3 +244,83 @@ def test_robust_rules_and_bad_settings_are_refused_before_anything_starts(site_e
         run = RunSettings(secure_aggregation=True, **{"min_sites": 2, **bad})
         with pytest.raises(ValueError, match=message):
             RunSettings.from_run_config(run.to_run_config())
+
+
+# ------------------------------------------------------------------ dropouts at every stage of the protocol
+DROPOUTS = {  # sites (of five; threshold 3) whose reply to a SecAgg+ stage is lost: they are gone from then on
+    "none": [],
+    "setup": [(1, "setup")],
+    "share keys": [(1, "share_keys")],  # after its public keys went out, before its key shares did
+    "masked vector": [(1, "collect_masked_vectors")],
+    "unmask": [(1, "unmask")],  # its masked vector is in the sum; the others' shares unmask it
+    "share keys and masked vector": [(1, "share_keys"), (2, "collect_masked_vectors")],
+    "two masked vectors": [(1, "collect_masked_vectors"), (2, "collect_masked_vectors")],
+    "setup, share keys, masked vector": [(0, "setup"), (1, "share_keys"), (2, "collect_masked_vectors")],
+}
+
+
+@pytest.mark.parametrize("dropped", list(DROPOUTS.values()), ids=list(DROPOUTS))
+def test_sites_dropping_out_at_any_stage_leave_the_weighted_mean_of_the_others(dropped):
+    """The server's SecAgg+ round (``secure_round``) with Flower's ``secaggplus_mod`` at five sites whose model step
+    returns fixed arrays: whichever stage a site drops out at, the round gives the weighted mean of exactly the
+    sites whose masked vectors arrived (within the quantisation bound) or, below the threshold, halts with no
+    site accepted; it never fails the survivors' own replies."""
+    from flwr.app import Context, Error, Message, RecordDict
+    from flwr.client.mod import secaggplus_mod
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+    from flwr.compat.common.recorddict_compat import fitres_to_recorddict
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+    from flwr.common.serde import message_from_proto, message_to_proto
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from nnunet_fed.deployment.secure_aggregation import METRICS_JSON, secure_round
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    rng = np.random.default_rng(0)
+    nodes = [101, 102, 103, 104, 105]
+    g = {"w": np.zeros((4, 3), np.float32), "b": np.zeros(5, np.float32)}
+    deltas = {n: [rng.uniform(-1, 1, size=v.shape) for v in g.values()] for n in nodes}  # float64, as secure_update
+    weights = {n: 10 + i for i, n in enumerate(nodes)}
+    contexts = {n: Context(run_id=1, node_id=n, state=RecordDict(), run_config={}, node_config={}) for n in nodes}
+    gone = {nodes[i]: stage for i, stage in dropped}
+    errors = []
+
+    def model_step(msg, context):
+        n = context.node_id
+        res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(deltas[n]), weights[n],
+                     {METRICS_JSON: json.dumps({"num_examples": weights[n]})})
+        return Message(fitres_to_recorddict(res, keep_input=False), reply_to=msg)
+
+    def exchange(messages, timeout):
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            wire = message_from_proto(message_to_proto(msg))
+            stage = wire.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE]
+            try:
+                reply = secaggplus_mod(wire, contexts[node], model_step)
+            except Exception as e:  # what a SuperNode does with a ClientApp's exception
+                reply = Message(Error(code=0, reason=f"{type(e).__name__}: {e}"), reply_to=wire)
+            if reply.has_error():
+                errors.append((node, stage, reply.error.reason))
+            if gone.get(node) == stage:
+                yield node, None, "offline"
+            else:
+                yield node, message_from_proto(message_to_proto(reply)), None
+
+    total, info = secure_round(object(), exchange, Context(run_id=1, node_id=0, state=RecordDict(), run_config={},
+                                                            node_config={}), nodes, g, {"round": 0},
+                               lambda n: f"site{n}", 30, 8.0, 1000.0)
+    assert not errors, errors  # no site's own reply failed
+    # the sites whose masked vector arrived: not gone, or gone only at the unmask stage
+    summed = [n for n in nodes if gone.get(n, "unmask") == "unmask"]
+    if len(summed) < info["threshold"]:
+        assert total.accepted == [] and info["sites"] == 0
+        return
+    assert sorted(u.site for u in total.accepted) == [f"site{n}" for n in summed]
+    assert info["masked_vectors_received"] == len(summed) and info["arrays_received"] == 0
+    w = np.array([weights[n] for n in summed], float)
+    for i, k in enumerate(g):
+        expected = np.tensordot(w / w.sum(), np.stack([deltas[n][i] for n in summed]), axes=1)
+        worst = float(np.abs(total.mean_delta[k] - expected).max())
+        assert worst <= info["quantization_error_bound"] + 1e-6, (k, worst, info)

@@ -187,6 +187,31 @@ def check_strategy(strategy) -> None:
         raise ValueError("--diagnose needs each site's update, which secure aggregation does not reveal")
 
 
+def secagg_plus_workflow(**settings):
+    """Flower's ``SecAggPlusWorkflow`` with one correction, for sites that leave between its first two stages.
+
+    In Flower 1.41 a site that answers the setup stage (its public keys go to the others) and then leaves before
+    it sends its key shares is still counted among the round's sites: at the unmask stage the server asks the
+    others for that site's secret-key shares, which they never received, and every remaining site fails the round
+    (``KeyError`` in ``secaggplus_mod._unmask``). In the protocol (Bonawitz et al. 2017, Bell et al. 2020) the masks
+    to remove are those of the sites that shared their keys and then sent no masked vector; a site that left
+    before sharing its keys is in no other site's masks. So after the share-keys stage the round's sites and
+    everyone's neighbours are narrowed to those that shared their keys; the rest of the protocol is Flower's.
+    ``settings`` are ``SecAggPlusWorkflow``'s."""
+    from flwr.server.workflow import SecAggPlusWorkflow
+
+    class _Workflow(SecAggPlusWorkflow):
+        def share_keys_stage(self, grid, context, state) -> bool:
+            ok = super().share_keys_stage(grid, context, state)
+            shared = set(state.active_node_ids)
+            state.sampled_node_ids = set(shared)
+            state.nid_to_neighbours = {n: set(nb) & shared for n, nb in state.nid_to_neighbours.items()
+                                       if n in shared}
+            return ok and self._check_threshold(state)
+
+    return _Workflow(**settings)
+
+
 def _legacy_strategy(fitins_by_node: dict, grid, run_id: int, caught: dict):
     """A Flower legacy ``Strategy`` for one round of ``SecAggPlusWorkflow``: ``configure_fit`` hands out this
     round's ``FitIns`` to the given nodes; ``aggregate_fit`` keeps the unmasked result (nothing else is used)."""
@@ -259,7 +284,6 @@ def secure_round(grid, exchange, context: Context, nodes: list[int], global_arra
     from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.server import ServerConfig
     from flwr.server.compat.legacy_context import LegacyContext
-    from flwr.server.workflow import SecAggPlusWorkflow
     from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
     from nnunet_fed.federation.aggregation import SecureSum, float_names
@@ -285,9 +309,9 @@ def secure_round(grid, exchange, context: Context, nodes: list[int], global_arra
     legacy.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
     levels = quantization_levels(len(nodes))
     threshold = len(nodes) // 2 + 1
-    workflow = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=threshold / len(nodes),
-                                  max_weight=float(max_weight), clipping_range=float(clip_range),
-                                  quantization_range=levels, modulus_range=MODULUS, timeout=timeout)
+    workflow = secagg_plus_workflow(num_shares=1.0, reconstruction_threshold=threshold / len(nodes),
+                                    max_weight=float(max_weight), clipping_range=float(clip_range),
+                                    quantization_range=levels, modulus_range=MODULUS, timeout=timeout)
     received = ReceivedRecords(grid, exchange)
     workflow(received, legacy)
     accepted, mean, answered = [], None, set()
