@@ -16,6 +16,10 @@ import pytest
 import torch
 
 
+#: a DP trainer (sample-level DP at each site), so that what SecAgg+ sends is checked against the sites' ledgers
+DP_OPTIONS = {"noise_multiplier": "1.0", "expected_batch_size": "4", "public_plans": "true"}
+
+
 class LoopbackGrid:
     """A Flower Grid that delivers each message to the site's ClientApp in this process, through Flower's protobuf
     serialisation both ways (what a SuperLink would carry). Each node keeps its Context between messages, as a
@@ -107,10 +111,11 @@ def _masked_vectors(grid):
 
 
 def test_secure_round_is_fedavg_of_the_updates_and_the_server_never_holds_one(site_env, monkeypatch):
-    from nnunet_fed.federation.aggregation import FedAvg
+    from nnunet_fed.federation.aggregation import FedAvg, float_names
     from nnunet_fed.federation.records import load_server_state
 
-    run, grid, server = _federation(site_env, monkeypatch, rounds=2, min_sites=2, round_timeout=20)
+    run, grid, server = _federation(site_env, monkeypatch, rounds=2, min_sites=2, round_timeout=20,
+                                    trainer="nnUNetTrainerFedDP", trainer_options=DP_OPTIONS)
     grid.drop(13, "collect_masked_vectors")  # round 2: the third site's masked update is lost (offline)
     original = grid._deliver
 
@@ -164,13 +169,33 @@ def test_secure_round_is_fedavg_of_the_updates_and_the_server_never_holds_one(si
     masked = _masked_vectors(grid)
     assert len(masked) == 3 + 3  # round 2: the third site masked its update, and the reply was lost
     first = _site_models(site_env, server, 0)[0]
-    delta = (first.arrays[next(iter(first.arrays))] - rounds_global[0][0][next(iter(first.arrays))]).ravel()
+    name = float_names(rounds_global[0][0])[0]  # the first array under the mask
+    delta = (first.arrays[name] - rounds_global[0][0][name]).ravel()
     for node, vec in masked[:3]:
         v = vec[1].astype(np.float64).ravel()  # vec[0] is the weight factor; vec[1] the first array
         assert v.min() >= 0 and v.max() < 2 ** 32
         assert abs(v.mean() / 2 ** 32 - 0.5) < 0.1 and abs(v.std() / 2 ** 32 - 12 ** -0.5) < 0.05  # uniform
         if v.size > 50 and delta.std() > 0:
             assert abs(np.corrcoef(v, delta)[0, 1]) < 0.3
+
+    # everything a DP site sent in the secure rounds (and in setup and finish) is in its privacy ledger, the round
+    # metrics inside metrics-json included
+    from test_flower_deployment import released_fields
+
+    from nnunet_fed.deployment.secure_aggregation import METRICS_JSON
+    from nnunet_fed.privacy.ledger import PrivacyLedger
+
+    names, parsed = dict(zip((11, 12, 13), site_env["names"])), 0
+    for node, stage, reply in grid.sent:
+        fold = os.path.join(site_env["results"], names[node], f"{run.trainer}__nnUNetPlans__2d", "fold_0")
+        listed = PrivacyLedger.load(os.path.join(fold, "privacy_ledger.json")).released_names()
+        sent = released_fields(reply)
+        for record in reply.content.config_records.values():
+            if METRICS_JSON in record:
+                sent |= set(json.loads(record[METRICS_JSON]))
+                parsed += 1
+        assert not sent - listed, f"{names[node]} sent at stage {stage}, not in its privacy ledger: {sent - listed}"
+    assert parsed == len(masked)  # every masked-vector reply's metrics were read
 
 
 def test_site_refuses_an_update_the_quantiser_would_clip_and_names_the_setting(site_env, monkeypatch):

@@ -53,6 +53,20 @@ MODULUS = 2 ** 32
 BIT = "__unclipped_bit__"
 
 
+#: what a site's SecAgg+ replies carry (``secaggplus_mod``'s entries and the FitRes layout of :func:`fitres_content`),
+#: as the privacy ledger of a DP site lists them: (quantity, fields, how it relates to the site's data)
+SITE_RELEASES = (
+    ("masked update: the quantised weighted delta plus pairwise and private masks (only the sum of the round's "
+     "sites is unmasked), with the FitRes status, weight and round metrics",
+     ["masked_params", "code", "message", "num_examples", METRICS_JSON],
+     "post-processing of the releases above (the round update, the noisy case count, the released round metrics)"),
+    ("key agreement and secret sharing: two fresh public keys per round, the site's secrets (mask seed, secret key) "
+     "in shares encrypted for each other site, and at unmasking the shares of other sites' secrets it holds",
+     ["pk1", "pk2", "dsts", "ctxts", "nids", "shares"],
+     "independent of the site's data (fresh random keys and secrets, and their shares)"),
+)
+
+
 class SecureAggregationError(ValueError):
     """A site's update that cannot be securely aggregated as it is (out of range, too heavy); names the site."""
 

@@ -571,6 +571,11 @@ class nnUNetTrainerDPBase(nnUNetTrainerFederated):
                                "federation_config.json", "round", "sites", "rejected", "failed", "completed_rounds",
                                "global_arrays", "run_config", "strategy_state", "update_geometry",
                                *[f.name for f in dataclass_fields(SimulationConfig)]])
+        from nnunet_fed.deployment.secure_aggregation import SITE_RELEASES
+
+        for quantity, names, relation in SITE_RELEASES:  # a secure round's replies instead of the update in the clear
+            ledger.release("secure aggregation", quantity, "server (with --secure-aggregation: Flower's SecAgg+; the "
+                           "encrypted shares are relayed to the other sites)", relation, fields=list(names))
         ledger.release("server-observed timing", "how long the site takes to answer a round (the 'seconds' of a "
                        "round in the federation records)", "server", "not privatised: it grows with the "
                        "Poisson-sampled batch sizes (a caveat of every deployment: the server sees when a reply "
