@@ -24,6 +24,12 @@ from __future__ import annotations
 from nnunet_fed.privacy import accountant as acct
 
 
+def sampling_rate(expected_batch: float, noisy_cases: float) -> float:
+    """``q = B / max(N~, B)``: the Poisson sampling rate of an expected logical batch ``B`` at a site whose released
+    (noisy) case count is ``N~`` (at most 1)."""
+    return float(expected_batch) / max(float(noisy_cases), float(expected_batch))
+
+
 def largest_expected_batch(physical_batch: int, noisy_cases: float, max_expected_batch: float) -> float:
     """``min(max_expected_batch, noisy_cases / 2)``, and at least the physical batch (the noisy count of a small site
     may be below it, even negative): the largest expected logical batch the rules consider. At a fixed number of
@@ -37,7 +43,7 @@ def largest_batch_configuration(physical_batch: int, noisy_cases: float, max_exp
     """The default rule (``batch_rule=largest``) as the privacy report records it: ``{"expected_batch_size",
     "sampling_rate", "rule", "reason"}`` (the noise multiplier is calibrated afterwards from this ``q``)."""
     b = largest_expected_batch(physical_batch, noisy_cases, max_expected_batch)
-    q = b / max(float(noisy_cases), b)
+    q = sampling_rate(b, noisy_cases)
     reason = (f"the largest expected batch up to max_expected_batch={float(max_expected_batch):g} and half the noisy "
               f"case count {float(noisy_cases):.1f} (at least the physical batch {physical_batch}): at a fixed number "
               f"of steps and epsilon the total amount of noise sigma / B does not grow with B (Sander et al. 2023); "
@@ -69,7 +75,7 @@ def choose_expected_batch(target_epsilon: float, delta: float, noisy_cases: floa
     :class:`~nnunet_fed.privacy.accountant.BudgetError` when none can."""
     rows = []
     for b in batch_candidates(physical_batch, noisy_cases, max_expected_batch):
-        q = b / max(float(noisy_cases), b)
+        q = sampling_rate(b, noisy_cases)
         try:
             sigma = acct.calibrate(target_epsilon, delta, q, steps_per_round, rounds, accountant, mechanism, decay,
                                    max_noise_multiplier, extra_steps=extra_steps, events=events)

@@ -263,33 +263,30 @@ class nnUNetTrainerDPBase(nnUNetTrainerFederated):
 
     def _sampling(self, noisy_cases: float) -> tuple[float, float]:
         """(q, expected logical batch = the divisor) from the noisy case count and public options only."""
-        o = self.options
-        if o["batch_rule"] == "tan":
-            from nnunet_fed.privacy.configuration import choose_expected_batch
+        from nnunet_fed.privacy import configuration as conf
 
-            self.dp_configuration = choose_expected_batch(
-                float(o["target_epsilon"]), self.dp_delta, noisy_cases, self.batch_size, self.num_iterations_per_epoch,
-                self.num_epochs, float(o["max_expected_batch"]), accountant=str(o["accountant"]).lower(),
-                mechanism=self.dp_mechanism, decay=float(o["noise_decay"]), extra_steps=int(self.post_round_steps()),
-                events=self.dp_events(), max_noise_multiplier=float(o["max_noise_multiplier"]))
-            self.print_to_log_file(f"DP configuration: {self.dp_configuration['reason']}")
-            return self.dp_configuration["sampling_rate"], self.dp_configuration["expected_batch_size"]
+        o = self.options
         if o["sampling_rate"] is not None:
             q = float(o["sampling_rate"])
             if not 0 < q <= 1:
                 raise acct.BudgetError(f"site {self.site_name}: sampling_rate must lie in (0, 1], got {q:g}")
             return q, max(q * noisy_cases, 1.0)
-        if o["expected_batch_size"] is None and o["target_epsilon"] is not None and o["noise_multiplier"] is None:
-            from nnunet_fed.privacy.configuration import largest_batch_configuration
-
-            self.dp_configuration = largest_batch_configuration(self.batch_size, noisy_cases,
-                                                                float(o["max_expected_batch"]))
-            self.print_to_log_file(f"DP configuration: {self.dp_configuration['reason']}")
-            return self.dp_configuration["sampling_rate"], self.dp_configuration["expected_batch_size"]
-        b = float(o["expected_batch_size"]) if o["expected_batch_size"] is not None else float(self.batch_size)
-        if not b > 0:
-            raise acct.BudgetError(f"expected_batch_size must be > 0, got {b:g}")
-        return b / max(noisy_cases, b), b
+        if o["expected_batch_size"] is not None or o["target_epsilon"] is None or o["noise_multiplier"] is not None:
+            b = float(o["expected_batch_size"]) if o["expected_batch_size"] is not None else float(self.batch_size)
+            if not b > 0:
+                raise acct.BudgetError(f"expected_batch_size must be > 0, got {b:g}")
+            return conf.sampling_rate(b, noisy_cases), b
+        if o["batch_rule"] == "tan":  # (resolve_options refuses tan with a batch, a sampling rate or a noise)
+            self.dp_configuration = conf.choose_expected_batch(
+                float(o["target_epsilon"]), self.dp_delta, noisy_cases, self.batch_size, self.num_iterations_per_epoch,
+                self.num_epochs, float(o["max_expected_batch"]), accountant=str(o["accountant"]).lower(),
+                mechanism=self.dp_mechanism, decay=float(o["noise_decay"]), extra_steps=int(self.post_round_steps()),
+                events=self.dp_events(), max_noise_multiplier=float(o["max_noise_multiplier"]))
+        else:
+            self.dp_configuration = conf.largest_batch_configuration(self.batch_size, noisy_cases,
+                                                                     float(o["max_expected_batch"]))
+        self.print_to_log_file(f"DP configuration: {self.dp_configuration['reason']}")
+        return self.dp_configuration["sampling_rate"], self.dp_configuration["expected_batch_size"]
 
     def fedavg_weight(self) -> int:
         return max(1, int(round(self.dp_noisy_num_cases)))
