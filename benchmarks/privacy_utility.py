@@ -60,7 +60,10 @@ def parse_args(argv=None):
                    help="DP trainers: expected logical (Poisson) batch, accumulated over nnU-Net's physical batches "
                         "(default: the trainers' own rule, which picks 256 on these sites: only target_epsilon is "
                         "set, as a user would)")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. SEEDS-1 (the table covers these)")
+    p.add_argument("--only-seeds", type=int, nargs="+", default=None, metavar="SEED",
+                   help="train only these seeds (e.g. 1 2, when seed 0 was trained elsewhere); the table still covers "
+                        "every finished seed below --seeds")
     p.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--device", default="cpu")
@@ -84,6 +87,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if (args.strategy.lower() != "fedavg" or args.strategy_option) and not args.variant:
         p.error("--strategy and --strategy-option are levers: name them with --variant, so their runs are kept apart")
+    if args.only_seeds is not None and not all(0 <= s < args.seeds for s in args.only_seeds):
+        p.error(f"--only-seeds must lie in 0 .. {args.seeds - 1} (--seeds {args.seeds})")
     if args.quick:
         args.num_train, args.num_test, args.rounds, args.local_steps, args.seeds = 40, 5, 2, 3, 1
         args.expected_batch_size = 4
@@ -121,7 +126,7 @@ def main(argv=None) -> int:
 
     for label, trainer, kind in methods:
         for eps in ([None] if kind is None else args.epsilons):
-            for seed in range(args.seeds):
+            for seed in (range(args.seeds) if args.only_seeds is None else args.only_seeds):
                 # nnU-Net's plans of site 0 (moved to every site) are declared public, as in every row of the
                 # table, so the epsilon covers the case count and the training (not the planning)
                 options = {} if eps is None else {"target_epsilon": str(eps), "target_delta": str(args.delta),
