@@ -290,9 +290,26 @@ def _plot(plt, runs: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def load_records(path: str) -> dict:
+    """Run records (lines of a ``runs.jsonl``) by (trainer, target epsilon, seed, variant); a later line wins.
+    A record without per-site ``dice`` (an earlier run of which only the mean was kept) counts in the mean and the
+    plot, and leaves its row's per-site cells empty."""
+    out = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                out[(r["trainer"], r["target_epsilon"], r["seed"], r.get("variant", ""))] = r
+    return out
+
+
 def report(workdirs: list[str], args) -> str:
-    """The table from every finished run found in ``workdirs`` (a run is looked up in each, first found wins)."""
+    """The table from every finished run found in ``workdirs`` (a run is looked up in each, first found wins). An
+    entry may also be a ``.jsonl`` file of run records (``runs.jsonl``, or ``benchmarks/privacy_utility_runs.jsonl``,
+    the records behind the README's table, kept when the runs' folders are gone); the plot is then written next to
+    the first entry."""
     names = [f"Dataset{FIRST_ID + k}_ShiftSite{k}" for k in range(SITES)]
+    records = {w: load_records(w) for w in workdirs if w.endswith(".jsonl")}
     methods = [m for m in METHODS if args.methods is None or m[1] in args.methods]
     rows, runs = [], []
     for label, trainer, kind in methods:
@@ -300,24 +317,28 @@ def report(workdirs: list[str], args) -> str:
             rs = []
             for seed in range(args.seeds):
                 for w in workdirs:
-                    r = score_run(w, label, trainer, eps, seed, names, args.variant if eps is not None else "")
+                    variant = args.variant if eps is not None else ""
+                    r = records[w].get((trainer, eps, seed, variant)) if w in records else \
+                        score_run(w, label, trainer, eps, seed, names, variant)
                     if r is not None:
                         rs.append(r)
                         break
             runs += rs
             if not rs:
                 continue
-            per_site = {n: (np.mean([r["dice"][n] for r in rs]), np.std([r["dice"][n] for r in rs])) for n in names}
+            per_site = {n: (np.mean([r["dice"][n] for r in rs]), np.std([r["dice"][n] for r in rs]))
+                        if all(r.get("dice") for r in rs) else None for n in names}
             means = [r["mean_dice"] for r in rs]
             spent = [r["epsilon_spent"] for r in rs if r["epsilon_spent"] is not None]
             checked = [r["epsilon_dp_accounting"] for r in rs if r.get("epsilon_dp_accounting") is not None]
             rows.append((label + (f" [{args.variant}]" if args.variant and eps is not None else ""),
                          "-" if eps is None else f"{eps:g}",
-                         *[f"{100 * m:.1f} ± {100 * s:.1f}" for m, s in per_site.values()],
+                         *[f"{100 * v[0]:.1f} ± {100 * v[1]:.1f}" if v else "-" for v in per_site.values()],
                          f"{100 * np.mean(means):.1f} ± {100 * np.std(means):.1f}", str(len(rs)),
                          f"{max(spent):.3f}" if spent else "-",
                          f"{max(checked):.3f} ({len(checked)} of {len(rs)} runs)" if checked else "-"))
-    plot_runs(runs, os.path.join(workdirs[0], f"privacy_utility{f'_{args.variant}' if args.variant else ''}.png"))
+    out_dir = os.path.dirname(os.path.abspath(workdirs[0])) if workdirs[0] in records else workdirs[0]
+    plot_runs(runs, os.path.join(out_dir, f"privacy_utility{f'_{args.variant}' if args.variant else ''}.png"))
     header = ("method", "target epsilon", *[f"site {k}" for k in range(SITES)], "mean", "seeds", "max epsilon spent",
               "dp_accounting")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
@@ -327,8 +348,9 @@ def report(workdirs: list[str], args) -> str:
     print(f"Dice (%) on held-out cases, mean ± std over seeds; {args.num_train} training cases per site, {args.rounds} "
           f"rounds x {args.local_steps} local steps, DP expected batch {batch}, delta {args.delta:g}")
     print(table)
-    with open(os.path.join(workdirs[0], "privacy_utility.json"), "w") as f:
-        json.dump({"args": vars(args), "workdirs": workdirs, "runs": runs, "table": table}, f, indent=2)
+    if workdirs[0] not in records:  # a records file is its own record
+        with open(os.path.join(workdirs[0], "privacy_utility.json"), "w") as f:
+            json.dump({"args": vars(args), "workdirs": workdirs, "runs": runs, "table": table}, f, indent=2)
     return table
 
 
