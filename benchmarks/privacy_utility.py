@@ -270,6 +270,8 @@ def plot_runs(runs: list[dict], path: str) -> None:
 def _plot(plt, runs: list[dict], path: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     label = lambda r: r["method"] + (f" [{r['variant']}]" if r.get("variant") else "")  # noqa: E731
+    cell = lambda r: (label(r), r["target_epsilon"])  # noqa: E731
+    most_seeds = max(sum(cell(q) == cell(r) for q in runs) for r in runs) if runs else 0
     for method in dict.fromkeys(label(r) for r in runs):
         rs = [r for r in runs if label(r) == method]
         if rs[0]["target_epsilon"] is None:
@@ -281,6 +283,11 @@ def _plot(plt, runs: list[dict], path: str) -> None:
         means = [100 * np.mean([r["mean_dice"] for r in rs if r["target_epsilon"] == e]) for e in eps]
         sds = [100 * np.std([r["mean_dice"] for r in rs if r["target_epsilon"] == e]) for e in eps]
         ax.errorbar(eps, means, yerr=sds, marker="o", capsize=3, label=method)
+        for e, m in zip(eps, means):  # a point over fewer seeds than the others says so
+            n = sum(r["target_epsilon"] == e for r in rs)
+            if n < most_seeds:
+                ax.annotate(f"{n} seed{'s' if n > 1 else ''}", (e, m), textcoords="offset points", xytext=(6, -10),
+                            fontsize=7)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("target epsilon (delta 1e-5)")
     ax.set_ylabel("Dice on held-out cases (%)")
