@@ -87,11 +87,11 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if (args.strategy.lower() != "fedavg" or args.strategy_option) and not args.variant:
         p.error("--strategy and --strategy-option are levers: name them with --variant, so their runs are kept apart")
-    if args.only_seeds is not None and not all(0 <= s < args.seeds for s in args.only_seeds):
-        p.error(f"--only-seeds must lie in 0 .. {args.seeds - 1} (--seeds {args.seeds})")
     if args.quick:
         args.num_train, args.num_test, args.rounds, args.local_steps, args.seeds = 40, 5, 2, 3, 1
         args.expected_batch_size = 4
+    if args.only_seeds is not None and not all(0 <= s < args.seeds for s in args.only_seeds):
+        p.error(f"--only-seeds must lie in 0 .. {args.seeds - 1} (--seeds {args.seeds})")
     return args
 
 
