@@ -1,6 +1,7 @@
 """Flower deployment on loopback: a real SuperLink (nnunet_fed server) and SuperNodes (nnunet_fed site join),
 nnU-Net training on the tiny fixture sites, faults (a SuperNode killed mid-round, a server killed and restarted),
 and what a site puts on the wire (arrays only, no pickle, no local parameter)."""
+import contextlib
 import io
 import json
 import os
@@ -237,6 +238,38 @@ def _tcp_listeners(pids) -> set[tuple[str, int]]:
     return found
 
 
+def _hold_write_lock(database: str, seconds: float) -> None:
+    """Take SQLite's write lock on ``database`` from outside (``BEGIN IMMEDIATE``) and keep it ``seconds``."""
+    import sqlite3
+
+    con = sqlite3.connect(database, timeout=60, isolation_level=None)
+    try:
+        con.execute("BEGIN IMMEDIATE")
+        time.sleep(seconds)
+        con.execute("ROLLBACK")
+    finally:
+        con.close()
+
+
+def _end_log_stream(server_pid: int) -> None:
+    """SIGKILL the server's ``flwr log`` process (Linux /proc), as a Control API error ends its stream."""
+    deadline, found = time.time() + 60, {}
+    while time.time() < deadline:
+        with open(f"/proc/{server_pid}/task/{server_pid}/children") as f:
+            children = [int(p) for p in f.read().split()]
+        found = {}
+        for pid in children:
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    found[pid] = f.read().split(b"\0")
+        streams = [pid for pid, args in found.items() if b"log" in args[1:3]]
+        if len(streams) == 1:
+            os.kill(streams[0], signal.SIGKILL)
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"no `flwr log` stream among the server's processes: {found}")
+
+
 def _check_admission(fed, site_env, tmp_path) -> dict:
     """An outsider holding the CA certificate every site has, at every port the server machine opens beyond
     loopback: cannot register a node key, list runs or join with its own key. Returns the server's processes."""
@@ -290,10 +323,12 @@ def test_superlink_failure_stops_the_server_and_is_in_its_log(site_env, federati
 def test_server_killed_and_restarted_resumes_then_nnunet_predict(site_env, tmp_path):
     """Two sites, two rounds on Flower with TLS and node authentication, the server on every interface; an outsider
     with the CA certificate cannot register a key, list runs or join (only the Fleet gateway is reachable beyond
-    loopback). The server process is killed (SIGKILL, as `kill -9`) during round 2 and started again with the same
-    command: its SuperLink did not outlive it, the node keys are taken on the first try, it resumes after the
-    committed round (with the server optimiser's state: Flower's FedAvgM), every round trains exactly once at each
-    site, every site ends with the global parameters, and nnUNetv2_predict runs on the global model."""
+    loopback). While the run is under way a writer holds the SuperLink's database for 12 s and the server's log
+    stream is killed: the run goes on, with no request failed on the lock. The server process is killed (SIGKILL,
+    as `kill -9`) during round 2 and started again with the same command: its SuperLink did not outlive it, the
+    node keys are taken on the first try, it resumes after the committed round (with the server optimiser's state:
+    Flower's FedAvgM), every round trains exactly once at each site, every site ends with the global parameters,
+    and nnUNetv2_predict runs on the global model."""
     fed = Federation(site_env, tmp_path, secure=True)
     try:
         _killed_and_restarted(fed, site_env, tmp_path)
@@ -309,7 +344,13 @@ def _killed_and_restarted(fed, site_env, tmp_path):
     for d in site_env["ids"][:2]:
         fed.join(d)
     first = _check_admission(fed, site_env, tmp_path)
+    # what a loaded machine does to a run, while it is under way: a writer stalls holding the SuperLink's SQLite
+    # database longer than Flower's own busy timeout (5 s), and the server's `flwr log` stream ends before the run
+    _hold_write_lock(os.path.join(fed.fold, "flower", "superlink.db"), seconds=12)
+    _end_log_stream(fed.procs["server"].pid)
     fed.wait(lambda: _committed_rounds(fed.fold) >= 1, 300, "round 1 committed")
+    assert fed.procs["server"].poll() is None, fed.log("server")[-3000:]  # the run goes on
+    assert "database is locked" not in fed.server_log(), fed.server_log()[-3000:]  # Flower waited for the lock
     from nnunet_fed.deployment.launch import runtime_processes
 
     assert runtime_processes(first["superlink_port"])  # the run's ServerApp (its own session, ignores SIGTERM)
@@ -427,6 +468,21 @@ def check_wire(message, local_names):
             continue  # pieces of an Array's .npy bytes (checked whole above)
         else:
             assert not pickles_in(blob), f"pickle in a {type(obj).__name__}: {blob[:200]!r}"
+
+
+def test_superlink_busy_timeout_replaces_flowers_own():
+    """The SuperLink's SQLite pragmas are Flower's own with only the busy timeout raised; a Flower that no longer
+    sets a busy timeout there is refused rather than run with an unknown one."""
+    from flwr.supercore import sql_mixin
+
+    from nnunet_fed.deployment.superlink import BUSY_TIMEOUT_MS, patched_pragmas
+
+    ours, flowers = dict(patched_pragmas(sql_mixin.SQLITE_PRAGMAS)), dict(sql_mixin.SQLITE_PRAGMAS)
+    assert int(flowers["busy_timeout"]) < BUSY_TIMEOUT_MS == int(ours["busy_timeout"])
+    assert {k: v for k, v in ours.items() if k != "busy_timeout"} == \
+        {k: v for k, v in flowers.items() if k != "busy_timeout"}
+    with pytest.raises(RuntimeError, match="pragmas changed"):
+        patched_pragmas([p for p in sql_mixin.SQLITE_PRAGMAS if p[0] != "busy_timeout"])
 
 
 def test_pickle_detector_finds_pickles():

@@ -150,8 +150,7 @@ def cmd_server(args) -> int:
         run_id = launch.submit_run(flwr_home, run_config)
         print(f"run {run_id}: {run.rounds} round(s), min-sites {run.min_sites}, federation {run.federation_name}",
               flush=True)
-        launch.follow_run(flwr_home, run_id, [superlink, gateway], relays)
-        status = launch.run_status(flwr_home, run_id)
+        status = launch.follow_run(flwr_home, run_id, [superlink, gateway], relays, superlink_port=link_port)
     except launch.LaunchError as e:
         for r in relays:
             r.copy_new()

@@ -432,7 +432,9 @@ def flower_bin(name: str) -> str:
 
 def superlink_command(host: str, port: int, tls: TLS, database: str | None = None,
                       supernode_auth: bool = False) -> list[str]:
-    cmd = [flower_bin("flower-superlink"), "--host", host, "--port", str(port),
+    """``flower-superlink`` with its state in ``database`` (None: in memory), run through
+    :mod:`nnunet_fed.deployment.superlink` (a longer SQLite busy timeout than Flower's)."""
+    cmd = [sys.executable, "-m", "nnunet_fed.deployment.superlink", "--host", host, "--port", str(port),
            "--disable-runtime-dependency-installation"]
     if tls.insecure:
         cmd.append("--insecure")
@@ -616,28 +618,57 @@ def append_log(path: str, source: str, lines: list[str]) -> None:
 
 
 def follow_run(flwr_home: str, run_id: int, watched: list["FlowerProcess"], relays: list[ErrorRelay],
-               poll: float = 1.0) -> int:
-    """Print the run's logs (ServerApp output) until the run ends, copying the watched processes' error lines
-    into the federation's log as they appear. Raises :class:`LaunchError` when a watched process (SuperLink,
-    gateway) exits first, instead of waiting on a run that can no longer finish."""
-    proc = subprocess.Popen([flower_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"],
-                            env={**os.environ, "FLWR_HOME": flwr_home}, preexec_fn=_die_with_parent)
-    try:
-        while proc.poll() is None:
+               superlink_port: int | None = None, poll: float = 1.0) -> str:
+    """Print the run's logs (ServerApp output) until the run is finished, copying the watched processes' error
+    lines into the federation's log as they appear. Returns the run's final status (``finished:completed``, ...).
+
+    ``flwr log --stream`` can end before the run does (it exits on an error of the Control API); it is then
+    started again, and the lines it prints again from the run's start are skipped. Raises :class:`LaunchError`
+    when a watched process (SuperLink, gateway) exits first, or when the run is unfinished and none of the
+    processes of the SuperLink on ``127.0.0.1:superlink_port`` is left to finish it (:func:`runtime_processes`),
+    instead of waiting on a run that can no longer finish."""
+    import threading
+
+    printed = 0
+
+    def pump(stream) -> None:
+        nonlocal printed
+        seen = 0
+        for line in stream:
+            seen += 1
+            if seen > printed:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                printed = seen
+
+    while True:
+        proc = subprocess.Popen([flower_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"],
+                                env={**os.environ, "FLWR_HOME": flwr_home}, stdout=subprocess.PIPE, text=True,
+                                errors="replace", preexec_fn=_die_with_parent)
+        reader = threading.Thread(target=pump, args=(proc.stdout,), daemon=True)
+        reader.start()
+        try:
+            while proc.poll() is None:
+                for r in relays:
+                    r.copy_new()
+                for p in watched:
+                    if p.poll() is not None:
+                        for r in relays:
+                            r.copy_new()
+                        raise LaunchError(f"{p.name} exited with code {p.poll()} during the run; see "
+                                          f"{p.log_path}:\n{p.tail(1500)}")
+                time.sleep(poll)
+            reader.join(10)
             for r in relays:
                 r.copy_new()
-            for p in watched:
-                if p.poll() is not None:
-                    for r in relays:
-                        r.copy_new()
-                    raise LaunchError(f"{p.name} exited with code {p.poll()} during the run; see {p.log_path}:\n"
-                                      f"{p.tail(1500)}")
-            time.sleep(poll)
-        for r in relays:
-            r.copy_new()
-        return proc.returncode
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            with _ignore_missing():
-                proc.wait(10)
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                with _ignore_missing():
+                    proc.wait(10)
+        status = run_status(flwr_home, run_id)
+        if status.startswith("finished"):
+            return status
+        if superlink_port is not None and status == "running" and not runtime_processes(superlink_port):
+            raise LaunchError(f"the run is {status!r} but its ServerApp has ended; see the SuperLink's log")
+        time.sleep(max(poll, 2.0))  # the stream ended first: follow the run again
