@@ -83,15 +83,19 @@ class Federation:
         proc.wait(30)
 
     def close(self):
-        for key in list(self.procs):
-            if self.procs[key].poll() is None:
-                self.kill(key, signal.SIGTERM)
+        """SIGTERM to every process group at once, up to 30 s for them to end, then SIGKILL to what is left."""
+        running = [p for p in self.procs.values() if p.poll() is None]
+        for proc in running:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.time() + 30
+        for proc in running:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(max(deadline - time.time(), 0.1))
         time.sleep(1)
-        for key in list(self.procs):
-            try:
-                os.killpg(self.procs[key].pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        for proc in self.procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
 
     def log(self, key):
         return (self.tmp / f"{key}.log").read_text(errors="replace")
@@ -351,17 +355,17 @@ def _killed_and_restarted(fed, site_env, tmp_path):
     fed.wait(lambda: _committed_rounds(fed.fold) >= 1, 300, "round 1 committed")
     assert fed.procs["server"].poll() is None, fed.log("server")[-3000:]  # the run goes on
     assert "database is locked" not in fed.server_log(), fed.server_log()[-3000:]  # Flower waited for the lock
-    from nnunet_fed.deployment.launch import runtime_processes
+    from nnunet_fed.deployment.launch import process_running, runtime_processes
 
     assert runtime_processes(first["superlink_port"])  # the run's ServerApp (its own session, ignores SIGTERM)
     os.kill(fed.procs["server"].pid, signal.SIGKILL)  # the server process alone
     fed.procs["server"].wait(30)
     deadline = time.time() + 30
-    while (any(os.path.isdir(f"/proc/{first[n]}") for n in ("superlink", "gateway"))
+    while (any(process_running(first[n]) for n in ("superlink", "gateway"))
            or runtime_processes(first["superlink_port"])) and time.time() < deadline:
         time.sleep(0.5)
-    for n in ("superlink", "gateway"):  # they do not serve on without the server
-        assert not os.path.isdir(f"/proc/{first[n]}") or open(f"/proc/{first[n]}/stat").read().split()[2] == "Z", n
+    for n in ("superlink", "gateway"):  # they do not serve on without the server (ended; maybe not yet reaped)
+        assert not process_running(first[n]), n
     assert not runtime_processes(first["superlink_port"])  # nor does the ServerApp
     from nnunet_fed.federation.records import load_server_state
 
@@ -483,6 +487,43 @@ def test_superlink_busy_timeout_replaces_flowers_own():
         {k: v for k, v in flowers.items() if k != "busy_timeout"}
     with pytest.raises(RuntimeError, match="pragmas changed"):
         patched_pragmas([p for p in sql_mixin.SQLITE_PRAGMAS if p[0] != "busy_timeout"])
+
+
+def test_stopping_runtime_processes_does_not_wait_on_an_ended_one(tmp_path):
+    """A SuperLink's runtime process (here a stand-in named flwr-serverapp, with the SuperLink's address in its
+    command line) is a child of the SuperLink, not of whoever stops it: once it has ended on SIGTERM it stays a
+    zombie until the SuperLink reaps it. ``stop_runtime_processes`` returns as soon as it has ended instead of
+    waiting out its grace period, twice (SIGTERM, then SIGKILL), on a process that no signal can end; and an
+    ended, unreaped server in a federation's process record does not stop the next server from starting."""
+    import sys
+
+    from nnunet_fed.deployment.launch import (runtime_processes, stop_leftovers, stop_runtime_processes,
+                                              write_process_record)
+
+    port = _free_port()
+    fake = tmp_path / "flwr-serverapp"
+    fake.write_text("import time\ntime.sleep(120)\n")
+    # the parent starts the stand-in and never reaps it, as the SuperLink does not while it serves
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time\n"
+        f"subprocess.Popen([sys.executable, {str(fake)!r}, '--runtime-api-address', '127.0.0.1:{port}'])\n"
+        "time.sleep(120)\n")], start_new_session=True)
+    try:
+        deadline = time.time() + 30
+        while not runtime_processes(port) and time.time() < deadline:
+            time.sleep(0.1)
+        (child,) = runtime_processes(port)
+        record = str(tmp_path / "processes.json")  # as if it were a killed server's, recorded while it ran
+        write_process_record(record, port, server=child)
+        start = time.time()
+        assert stop_runtime_processes(port, grace=30.0) == [child]
+        assert time.time() - start < 10  # a zombie is ended: not 2 x 30 s of waiting
+        assert open(f"/proc/{child}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"  # still unreaped
+        assert not runtime_processes(port)  # and no longer counted as a process that could finish a run
+        assert stop_leftovers(record) == []  # an ended server does not block the next start
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)
+        parent.wait(30)
 
 
 def test_pickle_detector_finds_pickles():

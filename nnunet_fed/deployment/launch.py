@@ -341,6 +341,16 @@ def process_start_ticks(pid: int) -> str | None:
         return None
 
 
+def process_running(pid: int) -> bool:
+    """Whether ``pid`` is a process that has not ended (Linux ``/proc``). An ended child that its parent has not
+    reaped yet (a zombie, state ``Z``) has ended: no signal reaches it, and it holds nothing but its pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
 def runtime_processes(superlink_port: int) -> list[int]:
     """The processes the SuperLink on ``127.0.0.1:superlink_port`` started for its runs (``flwr-serverapp``,
     ``flower-superexec``: they name that address in their command line). They run in sessions of their own,
@@ -361,14 +371,17 @@ def runtime_processes(superlink_port: int) -> list[int]:
 
 
 def stop_runtime_processes(superlink_port: int, grace: float = 5.0) -> list[int]:
-    """End :func:`runtime_processes` of that SuperLink: SIGTERM, then SIGKILL after ``grace`` seconds."""
+    """End :func:`runtime_processes` of that SuperLink: SIGTERM, then SIGKILL to those still running after
+    ``grace`` seconds. They are the SuperLink's children, so one that has ended stays a zombie until the SuperLink
+    reaps it: it counts as ended (:func:`process_running`)."""
     pids = runtime_processes(superlink_port)
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
+        left = [p for p in pids if process_running(p)]
+        for pid in left:
             with _ignore_missing():
                 os.kill(pid, sig)
         deadline = time.time() + grace
-        while time.time() < deadline and any(os.path.isdir(f"/proc/{p}") and process_start_ticks(p) for p in pids):
+        while left and time.time() < deadline and any(process_running(p) for p in left):
             time.sleep(0.2)
     return pids
 
@@ -393,9 +406,11 @@ def stop_leftovers(record: str) -> list[str]:
     with open(record) as f:
         entries = json.load(f)
     port = entries.pop("superlink_port", {}).get("port")
+    # the recorded process, not a later one with its pid; an ended but unreaped one (a zombie) still leads its
+    # process group, whose other members are stopped with it
     alive = {n: e["pid"] for n, e in entries.items()
              if e.get("start") is not None and process_start_ticks(e["pid"]) == e["start"]}
-    if "server" in alive and alive["server"] != os.getpid():
+    if "server" in alive and alive["server"] != os.getpid() and process_running(alive["server"]):
         raise LaunchError(f"another nnunet_fed server (pid {alive['server']}) runs this federation from "
                           f"{os.path.dirname(record)}; stop it first")
     stopped = []
@@ -405,7 +420,8 @@ def stop_leftovers(record: str) -> list[str]:
         with _ignore_missing():
             os.killpg(pid, signal.SIGTERM)
         deadline = time.time() + 10
-        while time.time() < deadline and process_start_ticks(pid) == entries[name]["start"]:
+        while time.time() < deadline and process_running(pid) and \
+                process_start_ticks(pid) == entries[name]["start"]:
             time.sleep(0.2)
         with _ignore_missing():
             os.killpg(pid, signal.SIGKILL)
@@ -618,7 +634,7 @@ def append_log(path: str, source: str, lines: list[str]) -> None:
 
 
 def follow_run(flwr_home: str, run_id: int, watched: list["FlowerProcess"], relays: list[ErrorRelay],
-               superlink_port: int | None = None, poll: float = 1.0) -> str:
+               superlink_port: int, poll: float = 1.0) -> str:
     """Print the run's logs (ServerApp output) until the run is finished, copying the watched processes' error
     lines into the federation's log as they appear. Returns the run's final status (``finished:completed``, ...).
 
@@ -630,6 +646,10 @@ def follow_run(flwr_home: str, run_id: int, watched: list["FlowerProcess"], rela
     import threading
 
     printed = 0
+
+    def relay() -> None:
+        for r in relays:
+            r.copy_new()
 
     def pump(stream) -> None:
         nonlocal printed
@@ -649,18 +669,15 @@ def follow_run(flwr_home: str, run_id: int, watched: list["FlowerProcess"], rela
         reader.start()
         try:
             while proc.poll() is None:
-                for r in relays:
-                    r.copy_new()
+                relay()
                 for p in watched:
                     if p.poll() is not None:
-                        for r in relays:
-                            r.copy_new()
+                        relay()
                         raise LaunchError(f"{p.name} exited with code {p.poll()} during the run; see "
                                           f"{p.log_path}:\n{p.tail(1500)}")
                 time.sleep(poll)
             reader.join(10)
-            for r in relays:
-                r.copy_new()
+            relay()
         finally:
             if proc.poll() is None:
                 proc.terminate()
@@ -669,6 +686,8 @@ def follow_run(flwr_home: str, run_id: int, watched: list["FlowerProcess"], rela
         status = run_status(flwr_home, run_id)
         if status.startswith("finished"):
             return status
-        if superlink_port is not None and status == "running" and not runtime_processes(superlink_port):
-            raise LaunchError(f"the run is {status!r} but its ServerApp has ended; see the SuperLink's log")
+        if status == "running" and not runtime_processes(superlink_port):
+            logs = ", ".join(p.log_path for p in watched if p.log_path)
+            raise LaunchError(f"the run is {status!r} but no process of the SuperLink on 127.0.0.1:{superlink_port} "
+                              f"is left to finish it; see {logs}")
         time.sleep(max(poll, 2.0))  # the stream ended first: follow the run again
