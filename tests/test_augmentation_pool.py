@@ -84,23 +84,17 @@ def test_workers_end_with_a_killed_simulation():
     import subprocess
     import sys
 
+    from nnunet_fed.deployment.launch import process_running
+
     proc = subprocess.Popen([sys.executable, "-c", ORPHAN_SCRIPT], stdout=subprocess.PIPE, text=True)
     pids = [int(p) for p in proc.stdout.readline().split()]
     assert len(pids) == 2
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     deadline = time.time() + 10
-    while time.time() < deadline and any(_running(p) for p in pids):
+    while time.time() < deadline and any(process_running(p) for p in pids):
         time.sleep(0.1)
-    assert not any(_running(p) for p in pids)
-
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
-    except FileNotFoundError:
-        return False
+    assert not any(process_running(p) for p in pids)
 
 
 def test_a_failing_data_loader_names_its_site(site_env, monkeypatch):

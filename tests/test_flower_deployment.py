@@ -206,16 +206,9 @@ def test_site_killed_mid_round_then_rejoins_under_secure_aggregation(site_env, f
 
 
 def _process_group(pgid: int) -> list[int]:
-    found = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[2]) == pgid:
-                        found.append(int(d))
-            except (OSError, ValueError, IndexError):
-                pass
-    return found
+    from nnunet_fed.deployment.launch import process_stat
+    stats = {int(d): process_stat(int(d)) for d in os.listdir("/proc") if d.isdigit()}
+    return [pid for pid, fields in stats.items() if fields and fields[2] == str(pgid)]
 
 
 def _tcp_listeners(pids) -> set[tuple[str, int]]:
@@ -497,7 +490,7 @@ def test_stopping_runtime_processes_does_not_wait_on_an_ended_one(tmp_path):
     ended, unreaped server in a federation's process record does not stop the next server from starting."""
     import sys
 
-    from nnunet_fed.deployment.launch import (runtime_processes, stop_leftovers, stop_runtime_processes,
+    from nnunet_fed.deployment.launch import (process_stat, runtime_processes, stop_leftovers, stop_runtime_processes,
                                               write_process_record)
 
     port = _free_port()
@@ -518,7 +511,7 @@ def test_stopping_runtime_processes_does_not_wait_on_an_ended_one(tmp_path):
         start = time.time()
         assert stop_runtime_processes(port, grace=30.0) == [child]
         assert time.time() - start < 10  # a zombie is ended: not 2 x 30 s of waiting
-        assert open(f"/proc/{child}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"  # still unreaped
+        assert process_stat(child)[0] == "Z"  # still unreaped
         assert not runtime_processes(port)  # and no longer counted as a process that could finish a run
         assert stop_leftovers(record) == []  # an ended server does not block the next start
     finally:

@@ -331,24 +331,32 @@ def _die_with_parent() -> None:
             pass
 
 
+def process_stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (Linux ``proc(5)``; index 0 is the state, 2 the
+    process group, 19 the start time in clock ticks since boot), None if the process does not exist. The name is
+    skipped up to its last ``)``, as it may hold spaces and parentheses."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields if len(fields) > 19 else None
+
+
 def process_start_ticks(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (Linux ``/proc``), None if it does not exist; with the
     pid it names one process, not a later one that reuses the number."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
+    fields = process_stat(pid)
+    return fields[19] if fields else None
 
 
-def process_running(pid: int) -> bool:
-    """Whether ``pid`` is a process that has not ended (Linux ``/proc``). An ended child that its parent has not
-    reaped yet (a zombie, state ``Z``) has ended: no signal reaches it, and it holds nothing but its pid."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
+def process_running(pid: int, start: str | None = None) -> bool:
+    """Whether ``pid`` is a process that has not ended (Linux ``/proc``), and, with ``start``, the one that started
+    at those clock ticks (:func:`process_start_ticks`), not a later one with its number. An ended child that its
+    parent has not reaped yet (a zombie, state ``Z``) has ended: no signal reaches it, and it holds nothing but its
+    pid."""
+    fields = process_stat(pid)
+    return fields is not None and fields[0] not in ("Z", "X") and (start is None or fields[19] == start)
 
 
 def runtime_processes(superlink_port: int) -> list[int]:
@@ -420,8 +428,7 @@ def stop_leftovers(record: str) -> list[str]:
         with _ignore_missing():
             os.killpg(pid, signal.SIGTERM)
         deadline = time.time() + 10
-        while time.time() < deadline and process_running(pid) and \
-                process_start_ticks(pid) == entries[name]["start"]:
+        while time.time() < deadline and process_running(pid, entries[name]["start"]):
             time.sleep(0.2)
         with _ignore_missing():
             os.killpg(pid, signal.SIGKILL)
