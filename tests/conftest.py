@@ -92,6 +92,27 @@ def run_cli(args, env, timeout=600, check=True):
     return proc
 
 
+def cli(capsys, *args) -> tuple[int, str, str]:
+    """``nnunet_fed ARGS`` in this process (its ``main``; the environment is the test's): exit code, stdout,
+    stderr. Cheaper than :func:`run_cli` where only the command's own checks matter (no start-up of a new Python).
+    The trainer folder the command adds to ``nnUNet_extTrainer`` is taken out again, so that later commands started
+    as processes do not inherit it."""
+    from nnunet_fed.cli import main
+
+    before = os.environ.get("nnUNet_extTrainer")
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    finally:
+        if before is None:
+            os.environ.pop("nnUNet_extTrainer", None)
+        else:
+            os.environ["nnUNet_extTrainer"] = before
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def nnunet_fed_cmd():
     return [sys.executable, "-m", "nnunet_fed.cli"]
 

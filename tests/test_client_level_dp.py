@@ -150,7 +150,7 @@ def test_nan_update_rejected_not_clipped_in():
     assert [site for site, _ in s.rejected] == ["bad"] and np.isfinite(flat(out)).all()
 
 
-def test_simulate_with_client_level_dp(site_env):
+def test_simulate_with_client_level_dp(site_env, capsys):
     """nnunet_fed simulate with the client-DP trainer: per-round epsilon in the metrics, as accounted."""
     from conftest import nnunet_fed_cmd, run_cli
 
@@ -173,12 +173,13 @@ def test_simulate_with_client_level_dp(site_env):
     assert os.path.isfile(os.path.join(fold, "checkpoint_final.pth"))
 
     # a bad option fails before training, naming it
-    proc = run_cli(nnunet_fed_cmd() + ["simulate", "-d", *site_env["ids"], "-c", "2d", "-tr",
-                                       "nnUNetTrainerFedAvgClientDP", "--rounds", "1", "--local-steps", "1",
-                                       "--device", "cpu", "--federation-name", "DatasetFed_bad", "-o",
-                                       "client_clip=-1", "-o", "client_target_epsilon=5"], site_env["env"],
-                   check=False)
-    assert proc.returncode != 0 and "client_clip" in proc.stderr
+    from conftest import cli
+
+    code, _, err = cli(capsys, "simulate", "-d", *site_env["ids"], "-c", "2d", "-tr", "nnUNetTrainerFedAvgClientDP",
+                       "--rounds", "1", "--local-steps", "1", "--device", "cpu", "--federation-name", "DatasetFed_bad",
+                       "-o", "client_clip=-1", "-o", "client_target_epsilon=5")
+    assert code != 0 and "client_clip" in err
+    assert not os.path.exists(os.path.join(site_env["results"], "DatasetFed_bad"))
 
 
 # ---------------------------------------------------------------------- retries and the calibrated budget

@@ -12,7 +12,7 @@ from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from scipy import ndimage
 
-from conftest import dp_accounting_epsilon, nnunet_fed_cmd, run_cli, site_trainer
+from conftest import cli, dp_accounting_epsilon, nnunet_fed_cmd, run_cli, site_trainer
 from nnunet_fed.architectures import FEDOAP_LOCAL_PATTERNS, AdaptedHead, wrap_unet
 from nnunet_fed.federation.update import SharingPolicy, tensor_aliases
 from nnunet_fed.losses import PerturbedBoundaryLoss, boundary_band, wrap_with_pbl
@@ -271,12 +271,11 @@ def test_get_shared_arrays_leave_local_parameters_alone(site_env):
             torch.testing.assert_close(after[k], before[k] + 1.0)
 
 
-def test_bad_fedoap_option_is_named_before_training(site_env):
-    proc = run_cli(nnunet_fed_cmd() + ["simulate", "-d", *site_env["ids"], "-c", "2d", "-tr", TRAINER,
-                                       "--device", "cpu", "-o", "pbl_tau=1.5", "-o", "finetune_steps=-1"],
-                   site_env["env"], check=False)
-    assert proc.returncode == 2
-    assert "pbl_tau must lie in [0, 1), got 1.5" in proc.stderr and "finetune_steps must be >= 0" in proc.stderr
+def test_bad_fedoap_option_is_named_before_training(site_env, capsys):
+    code, _, err = cli(capsys, "simulate", "-d", *site_env["ids"], "-c", "2d", "-tr", TRAINER, "--device", "cpu",
+                       "-o", "pbl_tau=1.5", "-o", "finetune_steps=-1")
+    assert code == 2
+    assert "pbl_tau must lie in [0, 1), got 1.5" in err and "finetune_steps must be >= 0" in err
     assert os.listdir(site_env["results"]) == []
 
 

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from conftest import nnunet_fed_cmd, run_cli
+from conftest import cli, nnunet_fed_cmd, run_cli
 
 
 @pytest.fixture
@@ -19,18 +19,19 @@ def example_org_tls(tmp_path):
     return write_certificates(str(tmp_path / "tls"), ("server.example.org",), ("10.0.0.5",))
 
 
-def test_server_names_a_certificate_that_does_not_cover_its_address(site_env, example_org_tls, tmp_path):
+def test_server_names_a_certificate_that_does_not_cover_its_address(site_env, example_org_tls, tmp_path, capsys):
     tls = example_org_tls
-    proc = run_cli(nnunet_fed_cmd() + ["server", "--min-sites", "1", "-c", "2d", "--host", "127.0.0.1",
-                                       "--ssl-certfile", tls.certfile, "--ssl-keyfile", tls.keyfile,
-                                       "--flower-dir", str(tmp_path / "flower")], site_env["env"], check=False)
-    assert proc.returncode == 2
-    assert "not valid for '127.0.0.1'" in proc.stderr and "DNS:server.example.org, IP:10.0.0.5" in proc.stderr
+    # (--wait-for-sites: were a check missed, the server would give up waiting instead of hanging the test)
+    code, _, err = cli(capsys, "server", "--min-sites", "1", "-c", "2d", "--host", "127.0.0.1",
+                       "--wait-for-sites", "30", "--ssl-certfile", tls.certfile, "--ssl-keyfile", tls.keyfile,
+                       "--flower-dir", tmp_path / "flower")
+    assert code == 2
+    assert "not valid for '127.0.0.1'" in err and "DNS:server.example.org, IP:10.0.0.5" in err
     assert not os.path.exists(tmp_path / "flower")  # nothing started, nothing written
     # node authentication over plain HTTP would send the nodes' signed headers in the clear
-    proc = run_cli(nnunet_fed_cmd() + ["server", "--min-sites", "1", "-c", "2d", "--insecure",
-                                       "--auth-supernode-keys", tls.certfile], site_env["env"], check=False)
-    assert proc.returncode == 2 and "needs TLS" in proc.stderr
+    code, _, err = cli(capsys, "server", "--min-sites", "1", "-c", "2d", "--insecure", "--wait-for-sites", "30",
+                       "--auth-supernode-keys", tls.certfile)
+    assert code == 2 and "needs TLS" in err
 
 
 def test_site_names_a_certificate_that_does_not_cover_the_address(site_env, example_org_tls):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import dp_accounting_epsilon, nnunet_fed_cmd, run_cli
+from conftest import cli, dp_accounting_epsilon, nnunet_fed_cmd, run_cli
 from nnunet_fed.privacy import accountant as acct
 from nnunet_fed.privacy import randomness
 
@@ -215,21 +215,20 @@ def test_noise_level_does_not_tell_n_from_n_minus_1(site_env):
 
 
 # ---------------------------------------------------------------------- 3. plans
-def test_dp_trainers_refuse_exact_plans_before_writing_anything(site_env):
-    env = {**site_env["env"], "nnUNet_n_proc_DA": "0"}
-    proc = run_cli(nnunet_fed_cmd() + ["simulate", "-d", *site_env["ids"], "-c", "2d", "-tr", "nnUNetTrainerFedADP",
-                                       "--rounds", "1", "--local-steps", "1", "--device", "cpu", "--no-progress",
-                                       "-o", "target_epsilon=8"], env, check=False)
-    assert proc.returncode == 2
-    assert f"site {site_env['names'][0]}" in proc.stderr and "exact dataset fingerprint" in proc.stderr
-    assert "public_plans=true" in proc.stderr and "--dp-epsilon" in proc.stderr
+def test_dp_trainers_refuse_exact_plans_before_writing_anything(site_env, capsys, monkeypatch):
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    code, _, err = cli(capsys, "simulate", "-d", *site_env["ids"], "-c", "2d", "-tr", "nnUNetTrainerFedADP",
+                       "--rounds", "1", "--local-steps", "1", "--device", "cpu", "--no-progress",
+                       "-o", "target_epsilon=8")
+    assert code == 2
+    assert f"site {site_env['names'][0]}" in err and "exact dataset fingerprint" in err
+    assert "public_plans=true" in err and "--dp-epsilon" in err
     assert not os.listdir(site_env["results"])
     # --dp-epsilon means nothing without --federated-planning, and DP trainers need it with it
     for extra, says in ((["--dp-epsilon", "1"], "--federated-planning"), (["--federated-planning"], "--dp-epsilon")):
-        proc = run_cli(nnunet_fed_cmd() + ["simulate", "-d", *site_env["ids"], "-c", "2d", "-tr",
-                                           "nnUNetTrainerFedADP", "--device", "cpu", "-o", "target_epsilon=8",
-                                           *extra], env, check=False)
-        assert proc.returncode == 2 and says in proc.stderr, proc.stderr
+        code, _, err = cli(capsys, "simulate", "-d", *site_env["ids"], "-c", "2d", "-tr", "nnUNetTrainerFedADP",
+                           "--device", "cpu", "-o", "target_epsilon=8", *extra)
+        assert code == 2 and says in err, err
     assert not os.listdir(site_env["results"])
 
 

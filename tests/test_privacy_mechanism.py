@@ -12,7 +12,7 @@ from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
-from conftest import dp_accounting_epsilon, nnunet_fed_cmd, run_cli
+from conftest import cli, dp_accounting_epsilon, nnunet_fed_cmd, run_cli
 from nnunet_fed.privacy import accountant as acct
 from nnunet_fed.privacy.adaptive import AdaptiveClip
 from nnunet_fed.privacy.dp_trainer import RELEASED_METRICS
@@ -283,36 +283,39 @@ def assert_outside_files_in_ledger(site_env, ledger_path: str) -> None:
         assert not missing, f"{path}: not in the privacy ledger: {sorted(missing)}"
 
 
-def test_budget_refusal_names_the_epsilon(site_env):
+def test_budget_refusal_names_the_epsilon(site_env, capsys, monkeypatch):
     """A target the schedule cannot meet, or one the single releases alone (here the case count) already spend,
     stops the run before its first step, saying which epsilon it would reach."""
-    def run(target, *extra):
-        return run_cli(nnunet_fed_cmd() + ["simulate", "-d", site_env["ids"][0], "-c", "2d", "-tr",
-                                           "nnUNetTrainerFedDP", "--rounds", "2", "--local-steps", "50", "--device",
-                                           "cpu", "--no-val", "--no-progress", "-o", f"target_epsilon={target}",
-                                           "-o", "max_noise_multiplier=3", "-o", "sampling_rate=0.5",
-                                           "-o", "public_plans=true", *extra],
-                       {**site_env["env"], "nnUNet_n_proc_DA": "0"}, check=False)
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
 
-    proc = run(0.3)  # the case count at its default noise costs 0.375 alone
-    assert proc.returncode != 0
-    out = proc.stdout + proc.stderr
+    def run(target, *extra):
+        code, out, err = cli(capsys, "simulate", "-d", site_env["ids"][0], "-c", "2d", "-tr", "nnUNetTrainerFedDP",
+                             "--rounds", "2", "--local-steps", "50", "--device", "cpu", "--no-val", "--no-progress",
+                             "-o", f"target_epsilon={target}", "-o", "max_noise_multiplier=3",
+                             "-o", "sampling_rate=0.5", "-o", "public_plans=true", *extra)
+        assert code != 0
+        return out + err
+
+    out = run(0.3)  # the case count at its default noise costs 0.375 alone
     assert "cannot be met" in out and "case count) spends 0.37" in out
-    proc = run(0.5, "-o", "case_count_noise=1000")
-    assert proc.returncode != 0
-    out = proc.stdout + proc.stderr
+    out = run(0.5, "-o", "case_count_noise=1000")
     assert "cannot be met" in out and "would reach epsilon" in out
     assert not os.path.exists(os.path.join(site_env["results"], "DatasetFed_201", "nnUNetTrainerFedDP__nnUNetPlans__2d",
                                            "fold_0", "checkpoint_final.pth"))
 
 
 def test_plain_nnunetv2_train_with_dp(site_env):
+    """A federated trainer (here the DP one; every trainer shares the federated base) runs under plain
+    nnUNetv2_train as a local, single-site run, with its options from nnUNet_fed_* variables and nnU-Net's final
+    validation; its privacy report's epsilon is the accounted one."""
     env = {**site_env["env"], "nnUNet_fed_rounds": "1", "nnUNet_fed_local_steps": "2", "nnUNet_fed_val_steps": "1",
            "nnUNet_fed_noise_multiplier": "1.0", "nnUNet_fed_public_plans": "true", "nnUNet_n_proc_DA": "0"}
     env["nnUNet_extTrainer"] = run_cli(nnunet_fed_cmd() + ["trainer-path"], env).stdout.strip()
     run_cli(["nnUNetv2_train", site_env["ids"][0], "2d", "0", "-tr", "nnUNetTrainerDP", "-device", "cpu", "--npz"], env)
     fold = os.path.join(site_env["results"], site_env["names"][0], "nnUNetTrainerDP__nnUNetPlans__2d", "fold_0")
     assert os.path.isfile(os.path.join(fold, "checkpoint_final.pth"))
+    assert os.path.isfile(os.path.join(fold, "validation", "summary.json"))
+    assert any(f.endswith(".npz") for f in os.listdir(os.path.join(fold, "validation")))  # --npz reached nnU-Net
     with open(os.path.join(fold, "privacy_report.json")) as f:
         rep = json.load(f)
     assert rep["steps"] == 2 and rep["noise_multiplier"] == 1.0 and not rep["adaptive_clip"]

@@ -256,14 +256,13 @@ def test_client_level_dp_on_the_secure_sum_equals_it_on_the_individual_updates()
         np.testing.assert_allclose(secure_m[k], plain_m[k], rtol=0, atol=1e-6)
 
 
-def test_robust_rules_and_bad_settings_are_refused_before_anything_starts(site_env):
-    from conftest import nnunet_fed_cmd, run_cli
+def test_robust_rules_and_bad_settings_are_refused_before_anything_starts(site_env, capsys):
+    from conftest import cli
     from nnunet_fed.deployment.runconfig import RunSettings
 
-    proc = run_cli(nnunet_fed_cmd() + ["server", "-c", "2d", "--insecure", "--secure-aggregation", "--min-sites", "2",
-                                       "--strategy", "fedmedian", "--federation-name", "DatasetFed_refused"],
-                   site_env["env"], timeout=120, check=False)
-    assert proc.returncode == 2 and "needs every site's update" in proc.stderr, proc.stderr[-1000:]
+    code, _, err = cli(capsys, "server", "-c", "2d", "--insecure", "--secure-aggregation", "--min-sites", "2",
+                       "--strategy", "fedmedian", "--federation-name", "DatasetFed_refused", "--wait-for-sites", "30")
+    assert code == 2 and "needs every site's update" in err, err[-1000:]
     assert not os.path.exists(os.path.join(site_env["results"], "DatasetFed_refused"))
     for bad, message in (({"min_sites": 1}, "min-sites >= 2"), ({"secagg_clip_range": 0}, "secagg-clip-range > 0")):
         run = RunSettings(secure_aggregation=True, **{"min_sites": 2, **bad})

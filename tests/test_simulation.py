@@ -3,11 +3,9 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
-import pytest
 import torch
 
 from conftest import nnunet_fed_cmd, run_cli
@@ -223,12 +221,3 @@ def test_fedprox_pulls_towards_global(site_env):
     for p in trainer.plain_network.parameters():  # grad = mu * (w - w_global) = 0.5 * 1
         torch.testing.assert_close(p.grad, torch.full_like(p, 0.5))
 
-
-def test_plain_nnunetv2_train_single_site(site_env):
-    """Every trainer also runs under plain nnUNetv2_train as a local, single-site run."""
-    env = {**site_env["env"], "nnUNet_fed_rounds": "1", "nnUNet_fed_local_steps": "2", "nnUNet_fed_val_steps": "1"}
-    env["nnUNet_extTrainer"] = run_cli(nnunet_fed_cmd() + ["trainer-path"], env).stdout.strip()
-    run_cli(["nnUNetv2_train", site_env["ids"][0], "2d", "0", "-tr", "nnUNetTrainerFedAvg", "-device", "cpu"], env)
-    fold = os.path.join(site_env["results"], site_env["names"][0], "nnUNetTrainerFedAvg__nnUNetPlans__2d", "fold_0")
-    assert os.path.isfile(os.path.join(fold, "checkpoint_final.pth"))
-    assert os.path.isfile(os.path.join(fold, "validation", "summary.json"))

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from conftest import cli
 from nnunet_fed.cli import main
 from nnunet_fed.data.synthetic import make_federated_datasets
 
@@ -47,12 +48,6 @@ def _nnunet_env(root, mp) -> dict:
 def make_sites(first_id, layout="nifti", num_sites=1, num_train=4, num_test=1, seed=0):
     return make_federated_datasets(first_id=first_id, num_sites=num_sites, scenario="shift", dim=2,
                                    num_train=num_train, num_test=num_test, seed=seed, image_size=SIZE, layout=layout)
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def snapshot(*roots) -> dict:
