@@ -152,7 +152,7 @@ def test_nan_update_rejected_not_clipped_in():
 
 def test_simulate_with_client_level_dp(site_env, capsys):
     """nnunet_fed simulate with the client-DP trainer: per-round epsilon in the metrics, as accounted."""
-    from conftest import nnunet_fed_cmd, run_cli
+    from conftest import cli, nnunet_fed_cmd, run_cli
 
     rounds = 2
     run_cli(nnunet_fed_cmd() + ["simulate", "-d", *site_env["ids"], "-c", "2d", "-tr", "nnUNetTrainerFedAvgClientDP",
@@ -173,8 +173,6 @@ def test_simulate_with_client_level_dp(site_env, capsys):
     assert os.path.isfile(os.path.join(fold, "checkpoint_final.pth"))
 
     # a bad option fails before training, naming it
-    from conftest import cli
-
     code, _, err = cli(capsys, "simulate", "-d", *site_env["ids"], "-c", "2d", "-tr", "nnUNetTrainerFedAvgClientDP",
                        "--rounds", "1", "--local-steps", "1", "--device", "cpu", "--federation-name", "DatasetFed_bad",
                        "-o", "client_clip=-1", "-o", "client_target_epsilon=5")

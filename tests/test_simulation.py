@@ -220,4 +220,3 @@ def test_fedprox_pulls_towards_global(site_env):
     trainer._add_proximal_gradient(trainer.optimizer, (), {})
     for p in trainer.plain_network.parameters():  # grad = mu * (w - w_global) = 0.5 * 1
         torch.testing.assert_close(p.grad, torch.full_like(p, 0.5))
-
