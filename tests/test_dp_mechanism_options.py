@@ -180,5 +180,6 @@ def test_simulate_with_multiplicity_automatic_clipping_and_the_batch_rule(site_e
         conf = rep["configuration"]
         assert conf["rule"] == "tan" and conf["expected_batch_size"] == rep["expected_batch_size"]
         assert conf["epsilon"] <= 8.0 and rep["clipping"] == "automatic" and rep["augmentation_multiplicity"] == 4
+        assert conf["steps"]["total"] == rounds * steps and conf["noise"]["noise_multiplier"] == rep["noise_multiplier"]
         log = open(next(os.path.join(fold, f) for f in sorted(os.listdir(fold)) if f.startswith("training_log"))).read()
         assert "augmentation multiplicity 4" in log and "clipping automatic" in log, log[-2000:]

@@ -489,6 +489,11 @@ def _federate_and_predict(federation, trainer, capsys, pred_dir, planned_before:
             assert conf["rule"] == "largest" and "Sander et al. 2023" in conf["reason"]
             assert rep["expected_batch_size"] == max(rep["physical_batch_size"], min(256, half)) == \
                 conf["expected_batch_size"] and 0 < rep["epsilon"] <= 8
+            # the rest of the configuration, each part with its reason: noise, steps, learning rate
+            assert conf["noise"]["noise_multiplier"] == rep["noise_multiplier"]
+            assert "target_epsilon=8" in conf["noise"]["reason"]
+            assert conf["steps"]["total"] == rep["steps"] == rep["rounds"] * rep["local_steps"]
+            assert conf["learning_rate"]["initial_lr"] == 0.01 and "poly" in conf["learning_rate"]["reason"]
 
     line = next(ln for ln in out.splitlines() if ln.startswith("predict with: "))
     command = line[len("predict with: "):].split(" (personalised")[0]

@@ -1,5 +1,6 @@
 """DP-aware choice of the logical batch: given the target epsilon, the site's (noisy) number of cases and the step
-schedule, which expected batch size and noise multiplier to train with.
+schedule, which expected batch size and noise multiplier to train with. :func:`schedule_configuration` records the
+rest (noise multiplier, steps, learning rate) with the reason for each.
 
 Two rules. The default (``batch_rule=largest``, :func:`largest_batch_configuration`) takes the largest expected
 batch the compute cap ``max_expected_batch`` and the site allow; ``batch_rule=tan`` (:func:`choose_expected_batch`)
@@ -49,6 +50,39 @@ def largest_batch_configuration(physical_batch: int, noisy_cases: float, max_exp
               f"of steps and epsilon the total amount of noise sigma / B does not grow with B (Sander et al. 2023); "
               f"B = {b:g}, q = {q:.4g}")
     return {"expected_batch_size": b, "sampling_rate": q, "rule": "largest", "reason": reason}
+
+
+def schedule_configuration(noise_multiplier: float, planned_epsilon: float, target_epsilon: float | None,
+                           rounds: int, local_steps: int, extra_steps: int, initial_lr: float, accountant: str,
+                           noise_set_by_user: bool) -> dict:
+    """The rest of the configuration as the privacy report records it, each with its reason:
+    ``{"noise": {"noise_multiplier", "reason"}, "steps": {"rounds", "local_steps", "steps_after_rounds", "total",
+    "reason"}, "learning_rate": {"initial_lr", "schedule", "reason"}}``.
+
+    The steps and the learning rate are not chosen by a DP rule: the steps are the federation's schedule (nnU-Net's
+    ``num_epochs`` as rounds, ``num_iterations_per_epoch`` as local steps) and the noise is calibrated over all of
+    them; the learning rate is nnU-Net's, which ``benchmarks/privacy_utility.py`` measured with these rules. The
+    report says so rather than leaving the reader to guess."""
+    total = int(rounds) * int(local_steps) + int(extra_steps)
+    after = f" + {int(extra_steps)} steps after the rounds" if extra_steps else ""
+    if noise_set_by_user:
+        noise = (f"noise_multiplier {noise_multiplier:.4g} set by the user; the {accountant} accountant plans epsilon "
+                 f"{planned_epsilon:.4g} over the {total} steps and the site's single releases")
+    else:
+        noise = (f"the smallest noise multiplier whose planned epsilon over the {total} steps and the site's single "
+                 f"releases (noisy case count, DP planning if any) is at most target_epsilon={target_epsilon:g} "
+                 f"(calibrated with the {accountant} accountant, accountant.calibrate): {noise_multiplier:.4g}, "
+                 f"planned epsilon {planned_epsilon:.4g}")
+    steps = (f"{rounds} rounds x {local_steps} local steps{after} = {total}: the federation's schedule (rounds and "
+             f"--local-steps, nnU-Net's num_epochs and num_iterations_per_epoch), not shortened by this rule; the "
+             f"noise is calibrated over all of it, so more steps at the same epsilon mean more noise per step")
+    lr = (f"nnU-Net's initial learning rate {initial_lr:g} with its poly decay over the rounds, unchanged under DP: "
+          f"the noise on the averaged gradient is set by sigma / B above, and benchmarks/privacy_utility.py measured "
+          f"the DP trainers with nnU-Net's learning rate")
+    return {"noise": {"noise_multiplier": noise_multiplier, "reason": noise},
+            "steps": {"rounds": int(rounds), "local_steps": int(local_steps), "steps_after_rounds": int(extra_steps),
+                      "total": total, "reason": steps},
+            "learning_rate": {"initial_lr": float(initial_lr), "schedule": "poly", "reason": lr}}
 
 
 def batch_candidates(physical_batch: int, noisy_cases: float, max_expected_batch: float) -> list[float]:

@@ -406,6 +406,12 @@ class nnUNetTrainerDPBase(nnUNetTrainerFederated):
             planned = acct.epsilon(acct.planned_schedule(self.dp_sigma0, q, steps, rounds, decay, extra),
                                    self.dp_delta, accountant, self.dp_mechanism, events)
         self.dp_planned_epsilon = planned
+        from nnunet_fed.privacy import configuration as conf
+
+        self.dp_configuration = {
+            **(getattr(self, "dp_configuration", None) or {"rule": "set by the user"}),
+            **conf.schedule_configuration(self.dp_sigma0, planned, o["target_epsilon"], rounds, steps, extra,
+                                          self.initial_lr, accountant, o["noise_multiplier"] is not None)}
         self.dp_adaptive = None
         if o["adaptive_clip"]:
             last = rounds if extra else rounds - 1  # the fine-tuning steps run at round ``rounds``'s noise
@@ -596,7 +602,7 @@ class nnUNetTrainerDPBase(nnUNetTrainerFederated):
             "noise_multiplier": self.dp_sigma0, "noise_decay": float(o["noise_decay"]),
             "clip_norm": "L1" if self.dp_mechanism == "laplace" else "L2", "clipping": str(o["clipping"]),
             "augmentation_multiplicity": self.dp_multiplicity,
-            "configuration": getattr(self, "dp_configuration", None) or {"rule": "set by the user"},
+            "configuration": self.dp_configuration,
             "adaptive_clip": bool(self.dp_adaptive), "initial_clip": float(o["max_grad_norm"]), "final_clip": self.dp_clip,
             "count_noise_multiplier": self.dp_adaptive.count_noise_multiplier if self.dp_adaptive else None,
             "target_quantile": float(o["target_quantile"]) if self.dp_adaptive else None,
