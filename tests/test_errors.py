@@ -5,12 +5,7 @@ import shutil
 
 import pytest
 
-from nnunet_fed.cli import main
-
-
-def run_main(args, capsys):
-    code = main(args)
-    return code, capsys.readouterr().err
+from conftest import cli
 
 
 def simulate_args(ids, trainer="nnUNetTrainerFedAvg"):
@@ -25,25 +20,25 @@ def assert_nothing_written(site_env):
 @pytest.mark.parametrize("var", ["nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"])
 def test_missing_nnunet_variable(site_env, capsys, monkeypatch, var):
     monkeypatch.delenv(var)
-    code, err = run_main(simulate_args(site_env["ids"]), capsys)
+    code, _, err = cli(capsys, *simulate_args(site_env["ids"]))
     assert code == 2 and var in err and "not set" in err
     assert_nothing_written(site_env)
 
 
 def test_unknown_dataset_id(site_env, capsys):
-    code, err = run_main(simulate_args(site_env["ids"][:2] + ["987"]), capsys)
+    code, _, err = cli(capsys, *simulate_args(site_env["ids"][:2] + ["987"]))
     assert code == 2 and "unknown dataset '987'" in err
     assert_nothing_written(site_env)
 
 
 def test_unknown_trainer(site_env, capsys):
-    code, err = run_main(simulate_args(site_env["ids"], trainer="nnUNetTrainerDoesNotExist"), capsys)
+    code, _, err = cli(capsys, *simulate_args(site_env["ids"], trainer="nnUNetTrainerDoesNotExist"))
     assert code == 2 and "unknown trainer 'nnUNetTrainerDoesNotExist'" in err
     assert_nothing_written(site_env)
 
 
 def test_non_federated_trainer(site_env, capsys):
-    code, err = run_main(simulate_args(site_env["ids"], trainer="nnUNetTrainer"), capsys)
+    code, _, err = cli(capsys, *simulate_args(site_env["ids"], trainer="nnUNetTrainer"))
     assert code == 2 and "not a federated trainer" in err
     assert_nothing_written(site_env)
 
@@ -72,7 +67,7 @@ def clone_site(site_env, new_id, mutate):
 ])
 def test_site_mismatch_named(site_env, capsys, new_id, key, mutate):
     bad_id, bad_name = clone_site(site_env, new_id, mutate)
-    code, err = run_main(simulate_args(site_env["ids"][:2] + [bad_id]), capsys)
+    code, _, err = cli(capsys, *simulate_args(site_env["ids"][:2] + [bad_id]))
     assert code == 2
     assert f"site {bad_name}: {key} differ from site {site_env['names'][0]}" in err
     assert_nothing_written(site_env)
@@ -81,7 +76,7 @@ def test_site_mismatch_named(site_env, capsys, new_id, key, mutate):
 def test_missing_plans_named(site_env, capsys):
     bad_id, bad_name = clone_site(site_env, 294, lambda dj: None)
     os.remove(os.path.join(site_env["env"]["nnUNet_preprocessed"], bad_name, "nnUNetPlans.json"))
-    code, err = run_main(simulate_args(site_env["ids"][:1] + [bad_id]), capsys)
+    code, _, err = cli(capsys, *simulate_args(site_env["ids"][:1] + [bad_id]))
     assert code == 2 and f"site {bad_name}: plans" in err and "nnUNetv2_plan_and_preprocess" in err
     assert_nothing_written(site_env)
 
@@ -102,7 +97,7 @@ def test_different_networks_named(site_env, capsys):
     data_id = plans["configurations"]["2d"]["data_identifier"]
     shutil.copytree(os.path.join(site_env["env"]["nnUNet_preprocessed"], site_env["names"][0], data_id),
                     os.path.join(site_env["env"]["nnUNet_preprocessed"], bad_name, data_id))
-    code, err = run_main(simulate_args(site_env["ids"][:1] + [bad_id]), capsys)
+    code, _, err = cli(capsys, *simulate_args(site_env["ids"][:1] + [bad_id]))
     assert code == 2 and f"site {bad_name}: parameter" in err and "plan them together" in err
     assert_nothing_written(site_env)
 
@@ -110,5 +105,5 @@ def test_different_networks_named(site_env, capsys):
 def test_bad_schedule(site_env, capsys):
     args = simulate_args(site_env["ids"])
     args[args.index("--rounds") + 1] = "0"
-    code, err = run_main(args, capsys)
+    code, _, err = cli(capsys, *args)
     assert code == 2 and "rounds" in err
