@@ -188,19 +188,44 @@ def check_preprocessed(name: str, plans_identifier: str, configuration: str) -> 
     return plans
 
 
-def find_trainer(trainer_name: str, require_federated: bool = True):
-    """The trainer class, searched where nnUNetv2_train searches (nnU-Net's folder, then nnUNet_extTrainer)."""
-    ensure_trainer_path()
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+def nnunet_fed_trainer(trainer_name: str):
+    """One of nnunet_fed's own trainers (``trainers/<trainer_name>.py``, class of the same name), imported from its
+    module; ``None`` for any other name, and when another folder comes before this one on ``nnUNet_extTrainer``
+    (then nnU-Net's lookup decides, as nnUNetv2_train would).
 
+    nnU-Net's lookup (``recursive_find_trainer_class_by_name``) imports every module of nnU-Net's trainer package
+    before it reaches ``nnUNet_extTrainer``: about 9 s of CPU on 2 cores, paid by every command and, in a Flower
+    deployment, by every message a site answers (each runs in a fresh process). It would return the same class:
+    nnU-Net ships no trainer of these names and :func:`ensure_trainer_path` puts this folder first on
+    ``nnUNet_extTrainer`` (``tests/test_errors.py`` checks both lookups agree on every trainer)."""
+    import importlib
+    import re
+
+    folder = nnunet_fed.trainer_folder()
+    first = ([p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p] or [None])[0]
+    if first is None or os.path.abspath(first) != folder or not re.fullmatch(r"nnUNetTrainer\w+", trainer_name) \
+            or not os.path.isfile(os.path.join(folder, trainer_name + ".py")):
+        return None
+    return getattr(importlib.import_module(f"nnunet_fed.trainers.{trainer_name}"), trainer_name, None)
+
+
+def find_trainer(trainer_name: str, require_federated: bool = True):
+    """The trainer class nnUNetv2_train would use (nnU-Net's folder, then nnUNet_extTrainer); nnunet_fed's own
+    trainers come straight from their module (:func:`nnunet_fed_trainer`). Raises ``FederationSetupError`` for an
+    unknown trainer or (``require_federated``) one that is not federated."""
+    ensure_trainer_path()
     from nnunet_fed.federation.trainer import nnUNetTrainerFederated
 
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net narrates its search
-            cls = recursive_find_trainer_class_by_name(trainer_name)
-    except RuntimeError:
-        raise FederationSetupError(f"unknown trainer {trainer_name!r}: not found in nnU-Net's trainers nor in "
-                                   f"nnUNet_extTrainer={os.environ.get('nnUNet_extTrainer')}") from None
+    cls = nnunet_fed_trainer(trainer_name)
+    if cls is None:
+        from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net narrates its search
+                cls = recursive_find_trainer_class_by_name(trainer_name)
+        except RuntimeError:
+            raise FederationSetupError(f"unknown trainer {trainer_name!r}: not found in nnU-Net's trainers nor in "
+                                       f"nnUNet_extTrainer={os.environ.get('nnUNet_extTrainer')}") from None
     if require_federated and not issubclass(cls, nnUNetTrainerFederated):
         raise FederationSetupError(f"trainer {trainer_name!r} is not a federated trainer (it must derive from "
                                    f"nnunet_fed's nnUNetTrainerFederated, e.g. nnUNetTrainerFedAvg)")

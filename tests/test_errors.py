@@ -37,6 +37,34 @@ def test_unknown_trainer(site_env, capsys):
     assert_nothing_written(site_env)
 
 
+def test_trainer_lookup_agrees_with_nnunet(monkeypatch, tmp_path):
+    """nnunet_fed imports its own trainers straight from their module; nnUNetv2_train's lookup (nnU-Net's package,
+    then nnUNet_extTrainer) must find the same class, from the same file, for every one of them. Any other name goes
+    through nnU-Net's lookup."""
+    import inspect
+
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    import nnunet_fed
+    from nnunet_fed.sites import find_trainer, nnunet_fed_trainer
+
+    monkeypatch.setenv("nnUNet_extTrainer", nnunet_fed.trainer_folder())
+    names = sorted(f[:-3] for f in os.listdir(nnunet_fed.trainer_folder()) if f.startswith("nnUNetTrainer"))
+    assert len(names) >= 11
+    for name in names:
+        ours = find_trainer(name, require_federated=False)
+        assert ours is nnunet_fed_trainer(name) and ours.__name__ == name
+        theirs = recursive_find_trainer_class_by_name(name)
+        assert theirs.__name__ == name and inspect.getsourcefile(theirs) == inspect.getsourcefile(ours)
+    assert nnunet_fed_trainer("nnUNetTrainer") is None and nnunet_fed_trainer("../sites") is None
+    assert find_trainer("nnUNetTrainer", require_federated=False) is recursive_find_trainer_class_by_name(
+        "nnUNetTrainer")
+    # another folder first on nnUNet_extTrainer: nnU-Net's lookup decides, as nnUNetv2_train would
+    monkeypatch.setenv("nnUNet_extTrainer", os.pathsep.join([str(tmp_path), nnunet_fed.trainer_folder()]))
+    assert nnunet_fed_trainer("nnUNetTrainerFedAvg") is None
+    assert find_trainer("nnUNetTrainerFedAvg").__name__ == "nnUNetTrainerFedAvg"
+
+
 def test_non_federated_trainer(site_env, capsys):
     code, _, err = cli(capsys, *simulate_args(site_env["ids"], trainer="nnUNetTrainer"))
     assert code == 2 and "not a federated trainer" in err
