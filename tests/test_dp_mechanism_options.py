@@ -137,6 +137,27 @@ def test_tan_rule_chooses_a_batch_within_the_target_epsilon():
         assert r["expected_batch_size"] > 12 and r["reason"].startswith("total amount of noise")
 
 
+def test_configuration_reasons_name_public_settings_only():
+    """The privacy report's configuration is released: its reasons (batch rule, noise, steps, learning rate) must be
+    the same text for neighbouring noisy case counts, so every value computed from the count sits in a field of its
+    own (which the neighbouring-datasets attack test accounts for by name), never inside the text."""
+    from nnunet_fed.privacy.configuration import (choose_expected_batch, largest_batch_configuration,
+                                                  schedule_configuration)
+
+    events = [["gaussian", 10.0, 1.0, 1]]
+    for noisy in ((1000.3, 999.3), (301.0, 300.0), (41.5, 40.5)):
+        for conf in ([largest_batch_configuration(12, n, 256) for n in noisy],
+                     [choose_expected_batch(8.0, 1e-5, n, 12, 8, 10, events=events) for n in noisy]):
+            assert conf[0]["reason"] == conf[1]["reason"]
+        a, b = (largest_batch_configuration(12, n, 256) for n in noisy)
+        assert (a["expected_batch_size"], a["sampling_rate"]) != (b["expected_batch_size"], b["sampling_rate"])
+    for user in (False, True):
+        a, b = (schedule_configuration(sigma, 8.0, 10, 8, 5, 0.01, "rdp", user) for sigma in (3.21, 3.25))
+        assert a["noise"]["noise_multiplier"] != b["noise"]["noise_multiplier"]
+        assert all(a[k]["reason"] == b[k]["reason"] for k in ("noise", "steps", "learning_rate"))
+        assert a["steps"]["total"] == 85
+
+
 def test_default_rule_takes_the_largest_batch_within_the_target_epsilon():
     """The default (only target_epsilon set): B = min(max_expected_batch, N~/2), at least the physical batch; its
     calibrated sigma spends at most the target (reproduced by dp_accounting) and its sigma / B is the lowest of the

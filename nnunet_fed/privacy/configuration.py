@@ -1,6 +1,8 @@
 """DP-aware choice of the logical batch: given the target epsilon, the site's (noisy) number of cases and the step
 schedule, which expected batch size and noise multiplier to train with. :func:`schedule_configuration` records the
-rest (noise multiplier, steps, learning rate) with the reason for each.
+rest (noise multiplier, steps, learning rate) with the reason for each. A reason names the rule and public settings
+only; every value computed from the site's noisy case count (B, q, sigma, eta) is in a field of its own, so the
+report's text is the same for neighbouring datasets.
 
 Two rules. The default (``batch_rule=largest``, :func:`largest_batch_configuration`) takes the largest expected
 batch the compute cap ``max_expected_batch`` and the site allow; ``batch_rule=tan`` (:func:`choose_expected_batch`)
@@ -46,15 +48,13 @@ def largest_batch_configuration(physical_batch: int, noisy_cases: float, max_exp
     b = largest_expected_batch(physical_batch, noisy_cases, max_expected_batch)
     q = sampling_rate(b, noisy_cases)
     reason = (f"the largest expected batch up to max_expected_batch={float(max_expected_batch):g} and half the noisy "
-              f"case count {float(noisy_cases):.1f} (at least the physical batch {physical_batch}): at a fixed number "
-              f"of steps and epsilon the total amount of noise sigma / B does not grow with B (Sander et al. 2023); "
-              f"B = {b:g}, q = {q:.4g}")
+              f"case count, at least the physical batch {physical_batch}: at a fixed number of steps and epsilon the "
+              f"total amount of noise sigma / B does not grow with B (Sander et al. 2023)")
     return {"expected_batch_size": b, "sampling_rate": q, "rule": "largest", "reason": reason}
 
 
-def schedule_configuration(noise_multiplier: float, planned_epsilon: float, target_epsilon: float | None,
-                           rounds: int, local_steps: int, extra_steps: int, initial_lr: float, accountant: str,
-                           noise_set_by_user: bool) -> dict:
+def schedule_configuration(noise_multiplier: float, target_epsilon: float | None, rounds: int, local_steps: int,
+                           extra_steps: int, initial_lr: float, accountant: str, noise_set_by_user: bool) -> dict:
     """The rest of the configuration as the privacy report records it, each with its reason:
     ``{"noise": {"noise_multiplier", "reason"}, "steps": {"rounds", "local_steps", "steps_after_rounds", "total",
     "reason"}, "learning_rate": {"initial_lr", "schedule", "reason"}}``.
@@ -66,13 +66,12 @@ def schedule_configuration(noise_multiplier: float, planned_epsilon: float, targ
     total = int(rounds) * int(local_steps) + int(extra_steps)
     after = f" + {int(extra_steps)} steps after the rounds" if extra_steps else ""
     if noise_set_by_user:
-        noise = (f"noise_multiplier {noise_multiplier:.4g} set by the user; the {accountant} accountant plans epsilon "
-                 f"{planned_epsilon:.4g} over the {total} steps and the site's single releases")
+        noise = (f"set by the user; the {accountant} accountant plans the epsilon of the {total} steps and the site's "
+                 f"single releases (planned_epsilon)")
     else:
         noise = (f"the smallest noise multiplier whose planned epsilon over the {total} steps and the site's single "
-                 f"releases (noisy case count, DP planning if any) is at most target_epsilon={target_epsilon:g} "
-                 f"(calibrated with the {accountant} accountant, accountant.calibrate): {noise_multiplier:.4g}, "
-                 f"planned epsilon {planned_epsilon:.4g}")
+                 f"releases (noisy case count, DP planning if any) is at most target_epsilon={target_epsilon:g}, "
+                 f"calibrated with the {accountant} accountant (planned_epsilon)")
     steps = (f"{rounds} rounds x {local_steps} local steps{after} = {total}: the federation's schedule (rounds and "
              f"--local-steps, nnU-Net's num_epochs and num_iterations_per_epoch), not shortened by this rule; the "
              f"noise is calibrated over all of it, so more steps at the same epsilon mean more noise per step")
@@ -129,7 +128,7 @@ def choose_expected_batch(target_epsilon: float, delta: float, noisy_cases: floa
     best = min(r["eta"] for r in feasible)
     chosen = next(r for r in feasible if r["eta"] <= best * (1.0 + tolerance))
     reason = (f"total amount of noise eta = sigma / B (Sander et al. 2023) at {rounds} x {steps_per_round} steps and "
-              f"epsilon {target_epsilon:g}: smallest of {len(rows)} candidate batch sizes within {tolerance:.0%} of "
-              f"the lowest eta {best:.4g} (at B = {min(feasible, key=lambda r: r['eta'])['expected_batch_size']:g}); "
-              f"B = {chosen['expected_batch_size']:g}, sigma {chosen['noise_multiplier']:.4g}, eta {chosen['eta']:.4g}")
+              f"epsilon {target_epsilon:g}: the smallest candidate batch (the physical batch {physical_batch} x 1, 2, "
+              f"4, ... up to max_expected_batch={float(max_expected_batch):g} and half the noisy case count) whose eta "
+              f"is within {tolerance:.0%} of the lowest candidate's (each candidate's sigma and eta: candidates)")
     return {**chosen, "candidates": rows, "rule": "tan", "reason": reason}

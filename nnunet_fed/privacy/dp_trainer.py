@@ -285,7 +285,9 @@ class nnUNetTrainerDPBase(nnUNetTrainerFederated):
         else:
             self.dp_configuration = conf.largest_batch_configuration(self.batch_size, noisy_cases,
                                                                      float(o["max_expected_batch"]))
-        self.print_to_log_file(f"DP configuration: {self.dp_configuration['reason']}")
+        self.print_to_log_file(f"DP configuration: {self.dp_configuration['reason']}; B = "
+                               f"{self.dp_configuration['expected_batch_size']:g}, q = "
+                               f"{self.dp_configuration['sampling_rate']:.4g}")
         return self.dp_configuration["sampling_rate"], self.dp_configuration["expected_batch_size"]
 
     def fedavg_weight(self) -> int:
@@ -410,8 +412,8 @@ class nnUNetTrainerDPBase(nnUNetTrainerFederated):
 
         self.dp_configuration = {
             **(getattr(self, "dp_configuration", None) or {"rule": "set by the user"}),
-            **conf.schedule_configuration(self.dp_sigma0, planned, o["target_epsilon"], rounds, steps, extra,
-                                          self.initial_lr, accountant, o["noise_multiplier"] is not None)}
+            **conf.schedule_configuration(self.dp_sigma0, o["target_epsilon"], rounds, steps, extra, self.initial_lr,
+                                          accountant, o["noise_multiplier"] is not None)}
         self.dp_adaptive = None
         if o["adaptive_clip"]:
             last = rounds if extra else rounds - 1  # the fine-tuning steps run at round ``rounds``'s noise
