@@ -11,10 +11,13 @@ for a 2d configuration (64x64 patches, batch 24, PlainConvUNet 5 stages 32..512)
 
 The plain step and the DP steps alternate (so all see the same machine load) and the ratios of medians are printed.
 ``--patch`` and ``--batch`` replace a configuration's patch size and batch size (same network), to see where each
-strategy wins.
+strategy wins. ``--multiplicity K`` (augmentation multiplicity, De et al. 2022) makes the DP step treat the batch as
+batch / K cases of K copies each (their gradients averaged before clipping, as the DP trainers do); the line then
+also gives the DP step's time per case over the plain step's time per patch, i.e. what a case costs against K = 1.
 
     python3 benchmarks/dp_step.py [--reps 5] [--configs 2d 3d_fullres] [--resenc] [--threads N]
     python3 benchmarks/dp_step.py --configs 3d_fullres --patch 24 32 32 --batch 4
+    python3 benchmarks/dp_step.py --configs 2d --multiplicity 2
 """
 from __future__ import annotations
 
@@ -72,7 +75,7 @@ def build(config: str, resenc: bool, num_classes: int = 3, patch=None, batch=Non
     return net, x, targets, loss
 
 
-def run(config: str, reps: int, resenc: bool, patch=None, batch=None) -> dict:
+def run(config: str, reps: int, resenc: bool, patch=None, batch=None, multiplicity: int = 1) -> dict:
     torch.manual_seed(0)
     net, x, targets, loss = build(config, resenc, patch=patch, batch=batch)
     opt = torch.optim.SGD(net.parameters(), 1e-2, weight_decay=3e-5, momentum=0.99, nesterov=True)
@@ -92,7 +95,8 @@ def run(config: str, reps: int, resenc: bool, patch=None, batch=None) -> dict:
 
         def dp():
             opt.zero_grad(set_to_none=True)
-            sanitizer.step([(x, per_sample_losses)], clip=1.0, noise_std=1.0, expected_batch=float(batch))
+            sanitizer.step([(x, per_sample_losses)], clip=1.0, noise_std=1.0, expected_batch=float(batch // multiplicity),
+                           multiplicity=multiplicity)
             opt.step()
         return dp
 
@@ -119,6 +123,7 @@ def main():
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--patch", type=int, nargs="+", default=None, help="patch size instead of the configuration's")
     ap.add_argument("--batch", type=int, default=None, help="batch size instead of the configuration's")
+    ap.add_argument("--multiplicity", type=int, default=1, help="copies per case in the DP step (batch / K cases)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -129,12 +134,18 @@ def main():
     for config in args.configs:
         if args.patch and len(args.patch) != len(CONFIGS[config][0]):
             ap.error(f"--patch {args.patch} does not fit {config}")
-        r = run(config, args.reps, args.resenc, args.patch, args.batch)
+        k = args.multiplicity
+        batch = args.batch or CONFIGS[config][1]
+        if k < 1 or batch % k:
+            ap.error(f"--multiplicity {k} does not divide the batch {batch} of {config}")
+        r = run(config, args.reps, args.resenc, args.patch, args.batch, k)
         med, ratio, auto = r["median_s"], r["ratio"], r["auto"]
+        per_case = f"  K={k}: {batch // k} cases, DP time per case / plain time per patch {k * ratio[auto]:.2f}" \
+            if k > 1 else ""
         print(f"{config:11s} {'x'.join(map(str, r['patch']))} batch {r['batch']:2d}  {r['params_M']:.1f}M params  "
               f"plain {med['plain']:.3f} s  DP hooks {med['hooks']:.3f} s  loop {med['loop']:.3f} s  "
               f"DP/plain hooks {ratio['hooks']:.2f} loop {ratio['loop']:.2f}  auto: {auto} {ratio[auto]:.2f} "
-              f"(target <= {targets[config]})", flush=True)
+              f"(target <= {targets[config]}){per_case}", flush=True)
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
 
 
