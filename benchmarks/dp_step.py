@@ -111,7 +111,7 @@ def run(config: str, reps: int, resenc: bool, patch=None, batch=None, multiplici
             times[name].append(time.perf_counter() - t)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     return {"median_s": med, "ratio": {m: med[m] / med["plain"] for m in med if m != "plain"},
-            "auto": PerSampleClipper(net).method_for(x), "patch": tuple(x.shape[2:]),
+            "auto": PerSampleClipper(net).method_for(x, multiplicity), "patch": tuple(x.shape[2:]),
             "params_M": sum(p.numel() for p in net.parameters()) / 1e6, "batch": batch}
 
 

@@ -56,6 +56,7 @@ def test_multiplicity_averages_the_copies_before_clipping(arch, dim, method):
     assert float(ref_norms.min()) > clip  # every case clipped
     clipper = PerSampleClipper(net, method=method)
     acc, norms, losses = clipper.clipped_sum(x, psl, clip, group=group)
+    assert PerSampleClipper(net).method_for(x, group) == "loop"  # auto's pick with copies (benchmarks/dp_step.py)
     torch.testing.assert_close(norms, ref_norms, **EXACT)
     torch.testing.assert_close(losses, ref_losses, rtol=1e-12, atol=1e-12)
     for p in net.parameters():
