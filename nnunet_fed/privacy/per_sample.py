@@ -36,7 +36,8 @@ The step:
 so ``p.grad`` is not touched) per sample; the norm of ``g_i``, then ``c_i g_i`` is added to the accumulator.
 
 ``"auto"`` (the default) takes the loop for a physical batch of one sample (the hooks would only add work), or
-when a sample has at least ``LOOP_MIN_VOXELS`` voxels (a 128x128 2d patch, any 3d_fullres patch), and the hooks
+when a sample has at least ``LOOP_MIN_VOXELS`` voxels (a 128x128 2d patch, any 3d_fullres patch), or when the
+batch holds copies of each case (augmentation multiplicity; :meth:`PerSampleClipper.method_for`), and the hooks
 otherwise. The hooks cost a roughly fixed multiple of a plain batched step (one more weight-gradient pass, the
 norms); the loop costs what single-sample steps cost, which is a plain step's cost unless batching pays, i.e. for
 many small samples. Measured with ``benchmarks/dp_step.py`` on an idle 2-core CPU, 2 threads (DP step / plain step
