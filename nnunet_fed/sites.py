@@ -5,9 +5,11 @@ Every error names the site (dataset) and the problem.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import os
+import re
 from typing import Sequence
 
 import nnunet_fed
@@ -200,9 +202,6 @@ def nnunet_fed_trainer(trainer_name: str):
     process). It would return the same class:
     nnU-Net ships no trainer of these names and :func:`ensure_trainer_path` puts this folder first on
     ``nnUNet_extTrainer`` (``tests/test_errors.py`` checks both lookups agree on every trainer)."""
-    import importlib
-    import re
-
     folder = nnunet_fed.trainer_folder()
     first = ([p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p] or [None])[0]
     if first is None or os.path.abspath(first) != folder or not re.fullmatch(r"nnUNetTrainer\w+", trainer_name) \

@@ -52,6 +52,7 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunet_fed.federation.trainer import nnUNetTrainerFederated
 from nnunet_fed.federation.update import SHARED_DATASET_JSON_KEYS, shared_dataset_json
 from nnunet_fed.privacy import accountant as acct
+from nnunet_fed.privacy import configuration as conf
 from nnunet_fed.privacy import randomness
 from nnunet_fed.privacy.adaptive import AdaptiveClip
 from nnunet_fed.privacy.ledger import LEDGER_FILE, PrivacyLedger
@@ -263,8 +264,6 @@ class nnUNetTrainerDPBase(nnUNetTrainerFederated):
 
     def _sampling(self, noisy_cases: float) -> tuple[float, float]:
         """(q, expected logical batch = the divisor) from the noisy case count and public options only."""
-        from nnunet_fed.privacy import configuration as conf
-
         o = self.options
         if o["sampling_rate"] is not None:
             q = float(o["sampling_rate"])
@@ -408,8 +407,6 @@ class nnUNetTrainerDPBase(nnUNetTrainerFederated):
             planned = acct.epsilon(acct.planned_schedule(self.dp_sigma0, q, steps, rounds, decay, extra),
                                    self.dp_delta, accountant, self.dp_mechanism, events)
         self.dp_planned_epsilon = planned
-        from nnunet_fed.privacy import configuration as conf
-
         self.dp_configuration = {
             **(getattr(self, "dp_configuration", None) or {"rule": "set by the user"}),
             **conf.schedule_configuration(self.dp_sigma0, o["target_epsilon"], rounds, steps, extra, self.initial_lr,

@@ -147,9 +147,7 @@ class PerSampleClipper:
         (32x32, batch 50) faster than the hooks, so auto takes the loop there."""
         if self.method != "auto":
             return self.method
-        if group > 1:
-            return "loop"
-        return "loop" if data.shape[0] == 1 or data[0, 0].numel() >= LOOP_MIN_VOXELS else "hooks"
+        return "loop" if group > 1 or data.shape[0] == 1 or data[0, 0].numel() >= LOOP_MIN_VOXELS else "hooks"
 
     def clipped_sum(self, data: torch.Tensor, per_sample_losses: Callable[[object, range], torch.Tensor],
                     max_norm: float, accumulate_into: dict | None = None, group: int = 1):
